@@ -1,0 +1,86 @@
+"""Model loading: `builtin:NAME` checkpoints shipped with the package, or a local Hugging Face directory.
+
+Nothing is ever fetched from a model hub: this tool runs on machines (and CI) without one, so every load
+is `local_files_only=True` and a missing model is a clear input error, not a network timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class ModelSpecError(ValueError):
+    """The --model value names nothing loadable (bad builtin name, missing directory)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with its tokenizer and the spec the user gave."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    path: Path
+    device: torch.device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """Map a user dtype string to a torch dtype (None keeps the checkpoint's float32 default)."""
+    if name is None:
+        return None
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ModelSpecError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}") from None
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Turn `builtin:NAME` or a local path into the checkpoint directory, or raise ModelSpecError."""
+    if spec.startswith(BUILTIN_PREFIX):
+        from tuner.builtin import BUILTIN_MODELS, builtin_checkpoint
+
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            known = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
+            raise ModelSpecError(f"unknown built-in model {spec!r}; known: {known}")
+        path = Path(builtin_checkpoint(name))
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"built-in model {spec!r} has no checkpoint at {path}")
+        return path
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.exists():
+        raise ModelSpecError(f"model path {spec!r} is not a Hugging Face checkpoint directory (no config.json)")
+    raise ModelSpecError(
+        f"model {spec!r} not found: give builtin:NAME (see `autotune models`) or a local checkpoint "
+        "directory (no model hub is used)"
+    )
+
+
+def load_model(spec: str, device: torch.device | str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on `device` (default: CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"cannot load model {spec!r}: {first_line}") from exc
+    model.to(target).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, path=path, device=target)

@@ -1,0 +1,198 @@
+"""Quality harness: how far a tuned model's outputs move from the dense model's.
+
+Three metrics, all reported in points (0-100) or nats so that a quality budget reads naturally:
+- `accuracy`: exact-match accuracy on the built-in tasks (greedy generation), averaged over tasks;
+- `top1_agreement`: teacher-forced next-token argmax agreement with dense on free text (code);
+- `mean_kl`: mean KL(dense || tuned) per position on the same free text (nats).
+
+The dense reference (its task answers, argmaxes and log-probabilities) is computed once per study and
+cached on disk as safetensors + JSON (never pickles), keyed by the model fingerprint and the evaluation
+settings, so every trial only runs the tuned model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.tasks import code_samples, get_task
+
+QUALITY_METRICS = ("accuracy", "top1_agreement", "mean_kl")
+# Metrics where larger is better; mean_kl is the only one where smaller is better.
+HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "mean_kl": False}
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """What to evaluate: which tasks, how many examples, how much free text."""
+
+    tasks: tuple[str, ...] = ("retrieval", "pattern")
+    examples_per_task: int = 20
+    free_text_samples: int = 4
+    free_text_chars: int = 1200
+    seed: int = 1234
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class QualityReport:
+    """Quality of one model variant, with per-task detail."""
+
+    accuracy: float
+    task_accuracy: dict[str, float]
+    top1_agreement: float | None = None
+    mean_kl: float | None = None
+    n_examples: int = 0
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+
+    def metric(self, name: str) -> float:
+        value = getattr(self, name, None)
+        if name not in QUALITY_METRICS or value is None:
+            raise ValueError(f"quality metric {name!r} unavailable; choose one of {', '.join(QUALITY_METRICS)}")
+        return float(value)
+
+    def summary(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "task_accuracy": dict(self.task_accuracy),
+                "top1_agreement": self.top1_agreement, "mean_kl": self.mean_kl, "n_examples": self.n_examples}
+
+
+def quality_drop(metric: str, reference: float, candidate: float) -> float:
+    """How much worse `candidate` is than `reference` for `metric` (>= 0 means worse)."""
+    return reference - candidate if HIGHER_IS_BETTER[metric] else candidate - reference
+
+
+GenerateFn = Callable[..., torch.Tensor]
+
+
+def _greedy_answers(generate: GenerateFn, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                    device: torch.device) -> list[str]:
+    answers = []
+    for prompt in prompts:
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = generate(input_ids, max_new_tokens=max_new_tokens)
+        answers.append(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def _free_text_ids(tokenizer: Any, config: QualityConfig) -> list[torch.Tensor]:
+    texts = code_samples(config.free_text_samples, seed=config.seed, n_chars=config.free_text_chars)
+    return [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+
+
+class QualityHarness:
+    """Evaluates model variants against a dense reference computed once.
+
+    `reference` runs the dense model; `evaluate` runs any variant given as a `generate` callable (a
+    policy handle's generate) and a `forward` callable (teacher-forced logits).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: QualityConfig | None = None,
+                 cache_dir: Path | None = None, model_key: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or QualityConfig()
+        self.device = next(model.parameters()).device
+        self.cache_dir = cache_dir
+        self.model_key = model_key
+        self._examples = {t: get_task(t).examples(self.config.examples_per_task, seed=self.config.seed)
+                          for t in self.config.tasks}
+        self._free_text = _free_text_ids(tokenizer, self.config) if self.config.free_text_samples else []
+        self._reference: QualityReport | None = None
+        self._ref_logprobs: list[torch.Tensor] = []
+
+    # -- dense reference -------------------------------------------------------------------------
+    def _cache_paths(self) -> tuple[Path, Path] | None:
+        if self.cache_dir is None:
+            return None
+        stem = f"dense-reference-{hashlib.sha256(self.model_key.encode()).hexdigest()[:12]}-{self.config.key()}"
+        return self.cache_dir / f"{stem}.json", self.cache_dir / f"{stem}.safetensors"
+
+    def reference(self) -> QualityReport:
+        """The dense model's quality; computed once, then served from memory or the disk cache."""
+        if self._reference is not None:
+            return self._reference
+        paths = self._cache_paths()
+        if paths and paths[0].is_file() and paths[1].is_file():
+            self._load_reference(*paths)
+            return self._reference  # type: ignore[return-value]
+        with torch.inference_mode():
+            self._ref_logprobs = [torch.log_softmax(self.model(ids.to(self.device)).logits[0].float(), -1).cpu()
+                                  for ids in self._free_text]
+        report = self._score_tasks(self._dense_generate)
+        report.top1_agreement = 100.0 if self._free_text else None
+        report.mean_kl = 0.0 if self._free_text else None
+        self._reference = report
+        if paths:
+            self._save_reference(*paths)
+        return report
+
+    def _dense_generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                   attention_mask=torch.ones_like(input_ids),
+                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+
+    def _save_reference(self, json_path: Path, tensor_path: Path) -> None:
+        from safetensors.torch import save_file
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_t = tensor_path.with_suffix(".tmp")
+        save_file({f"logprobs_{i}": lp.contiguous() for i, lp in enumerate(self._ref_logprobs)}, str(tmp_t))
+        os.replace(tmp_t, tensor_path)
+        tmp_j = json_path.with_suffix(".tmp")
+        tmp_j.write_text(json.dumps({"report": self._reference.summary(),  # type: ignore[union-attr]
+                                     "predictions": self._reference.predictions}))  # type: ignore[union-attr]
+        os.replace(tmp_j, json_path)
+
+    def _load_reference(self, json_path: Path, tensor_path: Path) -> None:
+        from safetensors.torch import load_file
+
+        data = json.loads(json_path.read_text())
+        tensors = load_file(str(tensor_path))
+        self._ref_logprobs = [tensors[f"logprobs_{i}"] for i in range(len(tensors))]
+        summary = data["report"]
+        self._reference = QualityReport(accuracy=summary["accuracy"], task_accuracy=summary["task_accuracy"],
+                                        top1_agreement=summary["top1_agreement"], mean_kl=summary["mean_kl"],
+                                        n_examples=summary["n_examples"], predictions=data["predictions"])
+
+    # -- variants --------------------------------------------------------------------------------
+    def _score_tasks(self, generate: GenerateFn) -> QualityReport:
+        task_accuracy: dict[str, float] = {}
+        predictions: dict[str, list[str]] = {}
+        n = 0
+        with torch.inference_mode():
+            for name, examples in self._examples.items():
+                task = get_task(name)
+                preds = _greedy_answers(generate, self.tokenizer, [e.prompt for e in examples],
+                                        task.max_new_tokens, self.device)
+                scores = [task.score(p, e.answer) for p, e in zip(preds, examples, strict=True)]
+                task_accuracy[name] = 100.0 * sum(scores) / max(len(scores), 1)
+                predictions[name] = preds
+                n += len(examples)
+        accuracy = sum(task_accuracy.values()) / max(len(task_accuracy), 1)
+        return QualityReport(accuracy=accuracy, task_accuracy=task_accuracy, n_examples=n, predictions=predictions)
+
+    def evaluate(self, generate: GenerateFn, forward: Callable[[torch.Tensor], Any] | None = None) -> QualityReport:
+        """Score a variant: task accuracy through `generate`, agreement/KL through `forward` (if given)."""
+        self.reference()
+        report = self._score_tasks(generate)
+        if forward is not None and self._free_text:
+            agree, total, kl_sum = 0, 0, 0.0
+            with torch.inference_mode():
+                for ids, ref_lp in zip(self._free_text, self._ref_logprobs, strict=True):
+                    logits = forward(ids.to(self.device)).logits[0].float().cpu()
+                    lp = torch.log_softmax(logits, -1)
+                    agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+                    total += lp.shape[0]
+                    kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum())
+            report.top1_agreement = 100.0 * agree / max(total, 1)
+            report.mean_kl = kl_sum / max(total, 1)
+        return report
