@@ -1,0 +1,78 @@
+"""Matplotlib figures for reports (Agg backend: reports are rendered on headless machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_latency_bars(layers: pd.DataFrame, path: Path) -> Path:
+    """Latency per part (embedding, each decoder layer, norm, head) as bars."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(range(len(layers)), layers["latency_ms"], color="#4477aa")
+    ax.set_xticks(range(len(layers)), layers["name"], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("per-layer latency")
+    return _save(fig, path)
+
+
+def latency_curves(curves: pd.DataFrame, path: Path) -> Path:
+    """Decoder-layer latency against token count, one panel per mode (median over layers, min-max band)."""
+    modes = list(dict.fromkeys(curves["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.2), squeeze=False)
+    layer_rows = curves[curves["part"].astype(str).str.contains("layer")] if "part" in curves else curves
+    if layer_rows.empty:
+        layer_rows = curves
+    for ax, mode in zip(axes[0], modes, strict=True):
+        rows = layer_rows[layer_rows["mode"] == mode]
+        x = "n_query_tokens" if mode == "prefill" else "n_kv_tokens"
+        stats = rows.groupby(x)["latency_ms"].agg(["median", "min", "max"]).reset_index()
+        ax.plot(stats[x], stats["median"], marker="o")
+        ax.fill_between(stats[x], stats["min"], stats["max"], alpha=0.2)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel("decoder layer latency (ms)")
+        ax.set_title(mode)
+    return _save(fig, path)
+
+
+def pareto(trials: pd.DataFrame, metric: str, quality: str, path: Path) -> Path:
+    """Objective vs quality for every completed trial; Pareto front joined; presets labelled."""
+    done = trials[trials[metric].notna()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(done[metric], done[quality], color="#bbbbbb", label="trials")
+    if "pareto" in done:
+        front = done[done["pareto"].astype(bool)].sort_values(metric)
+        ax.plot(front[metric], front[quality], color="#cc3311", marker="o", label="Pareto front")
+    if "preset" in done:
+        for _, row in done[done["preset"].notna()].iterrows():
+            ax.annotate(str(row["preset"]).split(":")[-1], (row[metric], row[quality]), fontsize=7)
+            ax.scatter([row[metric]], [row[quality]], marker="s", color="#228833")
+    ax.set_xlabel(metric)
+    ax.set_ylabel(quality)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def predicted_vs_measured(trials: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Cost-model prediction against the measured objective (identity line for reference)."""
+    rows = trials[trials["predicted_ms"].notna() & trials[metric].notna()]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(rows["predicted_ms"], rows[metric])
+    lo = float(min(rows["predicted_ms"].min(), rows[metric].min()))
+    hi = float(max(rows["predicted_ms"].max(), rows[metric].max()))
+    ax.plot([lo, hi], [lo, hi], color="#999999", linestyle="--")
+    ax.set_xlabel("predicted (ms)")
+    ax.set_ylabel(f"measured {metric}")
+    return _save(fig, path)

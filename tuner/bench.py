@@ -1,0 +1,91 @@
+"""`autotune bench`: dense, the policy and each technique's paper presets, side by side in one process.
+
+Repeats are interleaved (dense, policy, presets, dense, policy, ...) so that drift on a shared machine
+(thermal, a neighbour's job) hits every variant alike; each variant's numbers are medians. Quality is
+scored once per variant with the same harness as tuning, against the same dense reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from policies import Policy, apply_policy, model_fingerprint, policy_from_dict, policy_to_dict
+from profilers.device import resolve_device, torch_device
+from search_spaces import SearchContext, get_search_space
+from tuner.measure import GenerationSample, _timed, measure_once, summarize
+from tuner.models import load_model
+from tuner.quality import QualityConfig, QualityHarness
+from tuner.workload import Workload, timing_input_ids
+
+
+@dataclass
+class Variant:
+    name: str  # "dense" | "policy" | "preset:<technique>:<name>"
+    policy: Policy | None
+
+
+def _preset_variants(policy: Policy, ctx: SearchContext) -> list[Variant]:
+    """One variant per paper preset of each technique in the policy (other sections kept as tuned)."""
+    base = policy_to_dict(policy)
+    variants = []
+    for name in base["techniques"]:
+        for preset in get_search_space(name).presets(ctx):
+            document = dict(base, techniques={**base["techniques"], name: preset.section})
+            variants.append(Variant(f"preset:{preset.name}", policy_from_dict(document)))
+    return variants
+
+
+def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = None,
+              workload: Workload | None = None, repeats: int = 5, quality: QualityConfig | None = None,
+              with_presets: bool = True, log: Any = None) -> dict[str, Any]:
+    """Benchmark the variants; returns the `--json` document (see README for the contract)."""
+    say = log or (lambda msg: None)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    device = resolve_device(device_spec)
+    dev = torch_device(device)
+    loaded = load_model(model_spec, dev)
+    if workload is None:
+        workload = Workload(**policy.workload.as_dict()) if policy is not None else Workload()  # type: ignore[attr-defined]
+    variants = [Variant("dense", None)]
+    if policy is not None:
+        # Refuses a policy for another model before any timing.
+        apply_policy(loaded.model, policy).remove()
+        variants.append(Variant("policy", policy))
+        if with_presets:
+            ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), workload=workload.as_dict(),
+                                device=device.to_dict())
+            variants.extend(_preset_variants(policy, ctx))
+
+    harness = QualityHarness(loaded.model, loaded.tokenizer, quality or QualityConfig())
+    reference = harness.reference()
+    metric = policy.objective.quality_metric if policy is not None else "accuracy"  # type: ignore[attr-defined]
+    qualities: dict[str, float] = {"dense": reference.metric(metric)}
+    input_ids = timing_input_ids(loaded.tokenizer, workload.prompt_tokens, dev)
+    samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}
+    kinds: dict[str, str] = {}
+    for v in variants:
+        with apply_policy(loaded.model, v.policy) as handle:
+            if v.name != "dense":
+                qualities[v.name] = harness.evaluate(handle.generate, handle).metric(metric)
+            _timed(handle.generate, input_ids, 2, dev)  # warm-up
+        say(f"{v.name}: {metric} {qualities[v.name]:.2f}")
+    for r in range(repeats):
+        for v in variants:
+            with apply_policy(loaded.model, v.policy) as handle:
+                sample, kinds[v.name] = measure_once(handle.generate, input_ids, workload.new_tokens, dev)
+            samples[v.name].append(sample)
+        say(f"repeat {r + 1}/{repeats} done")
+    results = []
+    for v in variants:
+        m = summarize(samples[v.name], workload.new_tokens, kinds[v.name])
+        results.append({"name": v.name, "ttft_ms": m.ttft_ms, "latency_ms": m.latency_ms,
+                        "tokens_per_s": m.tokens_per_s, "peak_memory_mb": m.peak_memory_mb,
+                        "memory_kind": m.memory_kind, "quality": qualities[v.name], "quality_metric": metric})
+    dense = results[0]
+    for row in results:
+        row["speedup_latency"] = dense["latency_ms"] / row["latency_ms"]
+        row["speedup_ttft"] = dense["ttft_ms"] / row["ttft_ms"]
+    return {"device": device.to_dict(), "model": loaded.model_id, "workload": workload.as_dict(),
+            "repeats": repeats, "results": results}

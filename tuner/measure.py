@@ -1,0 +1,90 @@
+"""Measuring generation the way a user experiences it: time to first token, end-to-end latency, tokens/s.
+
+Technique-agnostic on purpose: every variant (dense, a policy, a preset) is driven through the same
+`generate(input_ids, max_new_tokens=..., min_new_tokens=...)` callable, so a technique that owns its decode
+loop is timed exactly like one that only hooks the model. TTFT is the time of a generate call producing one
+token (prefill + first token); latency is the call producing all `new_tokens` (EOS suppressed so every
+variant generates the same count); decode tokens/s = (new_tokens - 1) / (latency - TTFT).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from profilers.peak_memory import PeakMemory
+from profilers.timing import synchronize
+
+GenerateFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class GenerationSample:
+    ttft_ms: float
+    latency_ms: float
+    peak_memory_mb: float | None
+
+
+@dataclass
+class GenerationMeasurement:
+    """Medians over repeats, with the raw samples kept for spread."""
+
+    ttft_ms: float
+    latency_ms: float
+    tokens_per_s: float
+    peak_memory_mb: float | None
+    memory_kind: str
+    new_tokens: int
+    samples: list[GenerationSample] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return {"ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "tokens_per_s": self.tokens_per_s,
+                "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
+                "new_tokens": self.new_tokens}
+
+
+def _timed(generate: GenerateFn, input_ids: torch.Tensor, n: int, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        generate(input_ids, max_new_tokens=n, min_new_tokens=n)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_once(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int,
+                 device: torch.device) -> tuple[GenerationSample, str]:
+    """One TTFT call and one full call; peak memory over the full call."""
+    ttft = _timed(generate, input_ids, 1, device)
+    with PeakMemory(device) as mem:
+        latency = _timed(generate, input_ids, new_tokens, device)
+    return GenerationSample(ttft, latency, mem.peak_mb), mem.kind
+
+
+def summarize(samples: list[GenerationSample], new_tokens: int, memory_kind: str) -> GenerationMeasurement:
+    """Median TTFT and latency; tokens/s from the medians; peak memory is the max over repeats."""
+    ttft = statistics.median(s.ttft_ms for s in samples)
+    latency = statistics.median(s.latency_ms for s in samples)
+    decode_ms = latency - ttft
+    tokens_per_s = (new_tokens - 1) / (decode_ms / 1e3) if new_tokens > 1 and decode_ms > 0 else new_tokens / (
+        latency / 1e3)
+    peaks = [s.peak_memory_mb for s in samples if s.peak_memory_mb is not None]
+    return GenerationMeasurement(ttft_ms=ttft, latency_ms=latency, tokens_per_s=tokens_per_s,
+                                 peak_memory_mb=max(peaks) if peaks else None, memory_kind=memory_kind,
+                                 new_tokens=new_tokens, samples=samples)
+
+
+def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
+                       warmup: int = 1, repeats: int = 5) -> GenerationMeasurement:
+    """Warm up, then `repeats` measurements of one variant; medians."""
+    for _ in range(warmup):
+        _timed(generate, input_ids, min(new_tokens, 2), device)
+    samples, kind = [], "unavailable"
+    for _ in range(repeats):
+        sample, kind = measure_once(generate, input_ids, new_tokens, device)
+        samples.append(sample)
+    return summarize(samples, new_tokens, kind)

@@ -1,0 +1,226 @@
+"""`autotune tune`: profile -> search -> measure -> per-device policy YAML.
+
+One loaded model serves the whole study: every trial applies a policy, is scored for quality against the
+dense reference (computed once), is timed end to end, and is removed (bit-identical restore). The study
+is multi-objective (the objective metric, the quality metric) with the quality budget as an Optuna
+constraint; the policy written is the best feasible trial on the objective, or the best-effort trial
+(least budget violation) flagged `objective.budget_met: false` when nothing met the budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policies import apply_policy, model_fingerprint, policy_from_dict, policy_path, save_policy
+from policies.store import model_slug
+from profilers.device import DeviceFingerprint, resolve_device, torch_device
+from search_spaces import SearchContext, SearchSpace, get_search_space
+from tuner.measure import GenerationMeasurement, measure_generation
+from tuner.models import LoadedModel, load_model
+from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
+from tuner.study import TrialOutcome, open_study, pareto_front, run_trials, select_best
+from tuner.workload import Workload, timing_input_ids
+
+OBJECTIVES = {"ttft_ms": "minimize", "latency_ms": "minimize", "tokens_per_s": "maximize"}
+TOOL_VERSION = "0.1.0"
+
+
+@dataclass
+class TuneConfig:
+    """Everything `autotune tune` takes, with the CLI's defaults."""
+
+    model: str = "builtin:tiny"
+    techniques: tuple[str, ...] = ()
+    budget: int | None = 20
+    timeout_s: float | None = None
+    quality_budget: float = 1.0
+    quality_metric: str = "accuracy"
+    objective: str = "latency_ms"
+    device: str | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    out_dir: Path = Path("policies")
+    sampler: str = "tpe"
+    seed: int = 0
+    workload: Workload = field(default_factory=Workload)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    repeats: int = 3
+    show_progress: bool = False
+
+
+@dataclass
+class TuneResult:
+    policy_path: Path
+    policy: dict[str, Any]
+    artefacts_dir: Path
+    best_trial: int | None
+    budget_met: bool
+    n_trials: int
+
+
+def check_config(cfg: TuneConfig) -> list[SearchSpace]:
+    """Validate user choices before any expensive work; raises ValueError naming the bad option."""
+    if not cfg.techniques:
+        raise ValueError("--techniques: name at least one technique")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"--objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if cfg.quality_metric not in QUALITY_METRICS:
+        raise ValueError(f"--quality-metric {cfg.quality_metric!r}: choose one of {', '.join(QUALITY_METRICS)}")
+    if not (cfg.quality_budget >= 0 and math.isfinite(cfg.quality_budget)):
+        raise ValueError(f"--quality-budget must be a finite number >= 0, got {cfg.quality_budget}")
+    if cfg.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {cfg.repeats}")
+    return [get_search_space(name) for name in cfg.techniques]
+
+
+def _measured_dict(m: GenerationMeasurement, quality: float, metric: str) -> dict[str, Any]:
+    return {"ttft_ms": round(m.ttft_ms, 4), "latency_ms": round(m.latency_ms, 4),
+            "tokens_per_s": round(m.tokens_per_s, 4),
+            "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 3),
+            "quality": round(quality, 4), "quality_metric": metric}
+
+
+def build_policy_dict(loaded: LoadedModel, device: DeviceFingerprint, workload: Workload, cfg: TuneConfig,
+                      sections: dict[str, Any], measured: dict[str, Any] | None = None,
+                      provenance: dict[str, Any] | None = None, budget_met: bool | None = None) -> dict[str, Any]:
+    """The policy document for a set of technique sections (validated by `policy_from_dict`)."""
+    objective: dict[str, Any] = {"metric": cfg.objective, "direction": OBJECTIVES[cfg.objective],
+                                 "quality_metric": cfg.quality_metric, "quality_budget": cfg.quality_budget}
+    if budget_met is not None:
+        objective["budget_met"] = budget_met
+    return {
+        "schema_version": 1,
+        "model": {"id": loaded.model_id, "fingerprint": model_fingerprint(loaded.model)},
+        "device": device.to_dict(),
+        "workload": workload.as_dict(),
+        "objective": objective,
+        "techniques": sections,
+        "measured": measured or {},
+        "provenance": provenance or {"tool_version": TOOL_VERSION},
+    }
+
+
+def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
+    """Run the whole pipeline for one device and write `DIR/<model-slug>/<device-id>.yaml`."""
+    say = log or (lambda msg: None)
+    spaces = check_config(cfg)
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, torch_device(device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fingerprint = model_fingerprint(model)
+    target = policy_path(cfg.out_dir, loaded.model_id, device.id)
+    artefacts = target.with_suffix(".d")
+    artefacts.mkdir(parents=True, exist_ok=True)
+
+    say(f"profiling {loaded.model_id} on {device.id}")
+    curves = _profile(model, device, cfg.workload, artefacts)
+    ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
+                        curves=curves)
+
+    harness = QualityHarness(model, tokenizer, cfg.quality, cache_dir=artefacts,
+                             model_key=json.dumps(fingerprint, sort_keys=True))
+    reference = harness.reference()
+    ref_quality = reference.metric(cfg.quality_metric)
+    say(f"dense {cfg.quality_metric}: {ref_quality:.2f}")
+
+    input_ids = timing_input_ids(tokenizer, cfg.workload.prompt_tokens, torch_device(device))
+    with apply_policy(model, None) as dense:
+        baseline = measure_generation(dense.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
+                                      repeats=cfg.repeats)
+    say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
+
+    study_name = cfg.study_name or f"{model_slug(loaded.model_id)}--{device.id}--{'+'.join(cfg.techniques)}"
+    handle = open_study(study_name, cfg.storage, artefacts / "study.journal", sampler=cfg.sampler, seed=cfg.seed,
+                        directions=(OBJECTIVES[cfg.objective],
+                                    "maximize" if HIGHER_IS_BETTER[cfg.quality_metric] else "minimize"),
+                        metric_names=(cfg.objective, cfg.quality_metric))
+    _enqueue_presets(handle, spaces, ctx)
+
+    def evaluate(trial: Any) -> TrialOutcome:
+        sections = {space.name: space.suggest(trial, ctx) for space in spaces}
+        policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
+        predicted = [space.predict_ms(sections[space.name], ctx) for space in spaces]
+        with apply_policy(model, policy) as tuned:
+            quality = harness.evaluate(tuned.generate, tuned)
+            measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
+                                          torch_device(device), repeats=cfg.repeats)
+        value = quality.metric(cfg.quality_metric)
+        attrs = {"sections": sections, "measured": _measured_dict(measured, value, cfg.quality_metric),
+                 "quality": quality.summary()}
+        if all(p is not None for p in predicted):
+            attrs["predicted_ms"] = float(sum(predicted))  # type: ignore[arg-type]
+        drop = quality_drop(cfg.quality_metric, ref_quality, value)
+        return TrialOutcome(values=(getattr(measured, cfg.objective), value),
+                            constraint=drop - cfg.quality_budget, user_attrs=attrs)
+
+    run_trials(handle, evaluate, budget=cfg.budget, timeout_s=cfg.timeout_s, show_progress=cfg.show_progress)
+    trials = handle.study.get_trials(deepcopy=False)
+    best, met = select_best(trials, 0, OBJECTIVES[cfg.objective])
+    if best is None:
+        raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
+    _save_trials(trials, handle.study.directions, artefacts, cfg)
+
+    measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric),
+                "tuned": best.user_attrs["measured"]}
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    provenance = {"tool_version": TOOL_VERSION, "study": study_name, "storage": handle.storage_url,
+                  "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": now,
+                  "n_trials": len(trials)}
+    document = build_policy_dict(loaded, device, cfg.workload, cfg, best.user_attrs["sections"], measured,
+                                 provenance, budget_met=met)
+    policy = policy_from_dict(document)
+    save_policy(policy, target)
+    say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
+    return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
+                      budget_met=met, n_trials=len(trials))
+
+
+def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefacts: Path) -> Any:
+    from profilers.layer_profiler import profile_curves, save_curves
+
+    n = workload.prompt_tokens
+    grid = sorted({max(16, n // 4), max(16, n // 2), n})
+    curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=(n,),
+                            warmup=1, repeats=3)
+    save_curves(curves, artefacts / "profile.csv")
+    return curves
+
+
+def _enqueue_presets(handle: Any, spaces: list[SearchSpace], ctx: SearchContext) -> None:
+    from tuner.study import enqueue_once
+
+    params, attrs = [], []
+    for space in spaces:
+        for preset in space.presets(ctx):
+            params.append(preset.params)
+            attrs.append({"autotune:preset": f"{space.name}:{preset.name}"})
+    if params:
+        enqueue_once(handle, "autotune:presets_enqueued", params, attrs)
+
+
+def _save_trials(trials: list[Any], directions: list[Any], artefacts: Path, cfg: TuneConfig) -> None:
+    """Trials table (CSV) and the Pareto front (JSON) for `autotune report`."""
+    import pandas as pd
+
+    names = [d.name.lower() for d in directions]
+    front = {t.number for t in pareto_front(trials, names)}
+    rows = []
+    for t in trials:
+        measured = t.user_attrs.get("measured", {})
+        rows.append({"number": t.number, "state": t.state.name, cfg.objective: t.values[0] if t.values else None,
+                     cfg.quality_metric: t.values[1] if t.values else None,
+                     "predicted_ms": t.user_attrs.get("predicted_ms"), "ttft_ms": measured.get("ttft_ms"),
+                     "latency_ms": measured.get("latency_ms"), "tokens_per_s": measured.get("tokens_per_s"),
+                     "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
+                     "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
+                     "error": t.user_attrs.get("autotune:error"),
+                     "params": json.dumps(t.params, sort_keys=True)})
+    frame = pd.DataFrame(rows)
+    tmp = artefacts / "trials.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    tmp.replace(artefacts / "trials.csv")

@@ -1,0 +1,48 @@
+"""The workload a policy is tuned for, and the token ids used to time it.
+
+Timing inputs are real text (held-out Python standard-library code from the built-in tasks' free-text
+source) cut to exactly `prompt_tokens`, so content-dependent techniques (token importance, n-gram drafts)
+see realistic input while every variant is timed on identical ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from tuner.tasks import code_samples
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int = 1
+    prompt_tokens: int = 1024
+    new_tokens: int = 32
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.batch_size != 1:
+            raise ValueError(f"batch size {self.batch_size}: only batch 1 is supported so far")
+        if self.prompt_tokens < 1:
+            raise ValueError(f"--prompt-tokens must be >= 1, got {self.prompt_tokens}")
+        if self.new_tokens < 1:
+            raise ValueError(f"--new-tokens must be >= 1, got {self.new_tokens}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def timing_input_ids(tokenizer: Any, prompt_tokens: int, device: torch.device, seed: int = 7) -> torch.Tensor:
+    """`prompt_tokens` ids of real code text, shape (1, prompt_tokens)."""
+    ids: list[int] = []
+    n_chars = max(4 * prompt_tokens, 2000)
+    attempt = 0
+    while len(ids) < prompt_tokens:
+        for text in code_samples(4, seed=seed + attempt, n_chars=n_chars):
+            ids.extend(tokenizer(text).input_ids)
+        attempt += 1
+        if attempt > 50:
+            raise RuntimeError("could not assemble enough timing text")
+    return torch.tensor([ids[:prompt_tokens]], dtype=torch.long, device=device)
