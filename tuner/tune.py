@@ -93,16 +93,22 @@ def build_policy_dict(loaded: LoadedModel, device: DeviceFingerprint, workload: 
                                  "quality_metric": cfg.quality_metric, "quality_budget": cfg.quality_budget}
     if budget_met is not None:
         objective["budget_met"] = budget_met
-    return {
+    document: dict[str, Any] = {
         "schema_version": 1,
         "model": {"id": loaded.model_id, "fingerprint": model_fingerprint(loaded.model)},
         "device": device.to_dict(),
         "workload": workload.as_dict(),
         "objective": objective,
         "techniques": sections,
-        "measured": measured or {},
-        "provenance": provenance or {"tool_version": TOOL_VERSION},
+        "provenance": provenance or {"tool_version": TOOL_VERSION, "created_at": _now()},
     }
+    if measured is not None:
+        document["measured"] = measured
+    return document
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
@@ -167,9 +173,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
 
     measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric),
                 "tuned": best.user_attrs["measured"]}
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     provenance = {"tool_version": TOOL_VERSION, "study": study_name, "storage": handle.storage_url,
-                  "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": now,
+                  "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
                   "n_trials": len(trials)}
     document = build_policy_dict(loaded, device, cfg.workload, cfg, best.user_attrs["sections"], measured,
                                  provenance, budget_met=met)
