@@ -252,7 +252,7 @@ def cpu_fingerprint(
         "cores_logical": cores_logical,
         "torch_threads": int(threads),
         "flags": list(flags or []),
-        "torch_version": torch_version if torch_version is not None else torch.__version__,
+        "torch_version": torch_version if torch_version is not None else str(torch.__version__),
     }
     if extra:
         fields.update(extra)
@@ -363,9 +363,7 @@ def probe_nvml() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
                     "uuid": _nvml_str(uuid) if uuid is not None else None,
                     "memory_total_mb": round(mem.total / 2**20, 1) if mem is not None else None,
                     "max_sm_clock_mhz": guard(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_SM),
-                    "max_memory_clock_mhz": guard(
-                        pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_MEM
-                    ),
+                    "max_memory_clock_mhz": guard(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_MEM),
                     "power_limit_w": round(power / 1000.0, 1) if isinstance(power, (int, float)) else None,
                 }
             )
@@ -404,14 +402,12 @@ def cuda_fingerprints_from_records(
             "driver_version": system.get("driver_version"),
             "cuda_version": torch_cuda_version if torch_cuda_version is not None else torch.version.cuda,
             "cuda_driver_version": system.get("cuda_driver_version"),
-            "torch_version": torch_version if torch_version is not None else torch.__version__,
+            "torch_version": torch_version if torch_version is not None else str(torch.__version__),
             "multiprocessor_count": rec.get("multiprocessor_count"),
             "nvml": bool(nv),
         }
         out.append(
-            DeviceFingerprint(
-                id=cuda_device_id(name), kind="cuda", name=name, index=int(rec["index"]), fields=fields
-            )
+            DeviceFingerprint(id=cuda_device_id(name), kind="cuda", name=name, index=int(rec["index"]), fields=fields)
         )
     return out
 
