@@ -148,6 +148,11 @@ class PolicyWarning(UserWarning):
     """Selection fell back (another device of the same kind, dense) or skipped an invalid file."""
 
 
+def _put_optional(out: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        out[key] = value
+
+
 # --------------------------------------------------------------------------------------------------- data
 
 
@@ -169,6 +174,17 @@ class Workload:
     dtype: str
     task: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The canonical ``workload`` section (``task`` omitted when None)."""
+        out: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "dtype": self.dtype,
+        }
+        _put_optional(out, "task", self.task)
+        return out
+
 
 @dataclass
 class Objective:
@@ -183,6 +199,17 @@ class Objective:
     quality_metric: str | None
     quality_budget: float
     budget_met: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The canonical ``objective`` section (``budget_met`` omitted when None)."""
+        out: dict[str, Any] = {
+            "metric": self.metric,
+            "direction": self.direction,
+            "quality_metric": self.quality_metric,
+            "quality_budget": self.quality_budget,
+        }
+        _put_optional(out, "budget_met", self.budget_met)
+        return out
 
 
 @dataclass
@@ -592,27 +619,8 @@ def policy_from_dict(d: Any, *, source: str | None = None) -> Policy:
     )
 
 
-def _put_optional(out: dict[str, Any], key: str, value: Any) -> None:
-    if value is not None:
-        out[key] = value
-
-
 def policy_to_dict(policy: Policy) -> dict[str, Any]:
     """The canonical plain-data form of ``policy`` (see the module docstring); deep-copied."""
-    workload: dict[str, Any] = {
-        "batch_size": policy.workload.batch_size,
-        "prompt_tokens": policy.workload.prompt_tokens,
-        "new_tokens": policy.workload.new_tokens,
-        "dtype": policy.workload.dtype,
-    }
-    _put_optional(workload, "task", policy.workload.task)
-    objective: dict[str, Any] = {
-        "metric": policy.objective.metric,
-        "direction": policy.objective.direction,
-        "quality_metric": policy.objective.quality_metric,
-        "quality_budget": policy.objective.quality_budget,
-    }
-    _put_optional(objective, "budget_met", policy.objective.budget_met)
     prov = policy.provenance
     provenance: dict[str, Any] = {"tool_version": prov.tool_version}
     for key in ("study", "storage", "trial", "seed"):
@@ -628,8 +636,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
         "schema_version": policy.schema_version,
         "model": {"id": policy.model.id, "fingerprint": ordered_fp},
         "device": policy.device,
-        "workload": workload,
-        "objective": objective,
+        "workload": policy.workload.as_dict(),
+        "objective": policy.objective.as_dict(),
         "techniques": policy.techniques,
     }
     _put_optional(out, "measured", policy.measured)
