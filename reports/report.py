@@ -68,7 +68,13 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
     artefacts = policy_file.with_suffix(".d")
     if (artefacts / "profile.csv").is_file():
         curves = pd.read_csv(artefacts / "profile.csv")
-        curve_section = Section("Latency curves on this device")
+        curve_section = Section("Per-layer profile and latency curves on this device")
+        prefill = curves[curves["mode"] == "prefill"]
+        if len(prefill) and "name" in prefill:
+            largest = prefill[prefill["n_query_tokens"] == prefill["n_query_tokens"].max()]
+            curve_section.paragraphs.append(f"Per-layer prefill latency at {int(largest['n_query_tokens'].iloc[0])} "
+                                            "tokens.")
+            curve_section.images.append(figures.layer_latency_bars(largest, fig_dir / f"{stem}-layers.png"))
         curve_section.images.append(figures.latency_curves(curves, fig_dir / f"{stem}-curves.png"))
         sections.append(curve_section)
     if (artefacts / "trials.csv").is_file():

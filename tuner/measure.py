@@ -81,8 +81,9 @@ def summarize(samples: list[GenerationSample], new_tokens: int, memory_kind: str
 def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
                        warmup: int = 1, repeats: int = 5) -> GenerationMeasurement:
     """Warm up, then `repeats` measurements of one variant; medians."""
-    for _ in range(warmup):
-        _timed(generate, input_ids, min(new_tokens, 2), device)
+    for _ in range(warmup):  # both call shapes, so that neither pays first-call costs when timed
+        _timed(generate, input_ids, 1, device)
+        _timed(generate, input_ids, new_tokens, device)
     samples, kind = [], "unavailable"
     for _ in range(repeats):
         sample, kind = measure_once(generate, input_ids, new_tokens, device)

@@ -72,7 +72,9 @@ def resolve_model_path(spec: str) -> Path:
 def load_model(spec: str, device: torch.device | str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on `device` (default: CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a CLI's stdout/stderr are for results, not weight-loading bars
     path = resolve_model_path(spec)
     torch_dtype = parse_dtype(dtype) or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")

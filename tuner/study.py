@@ -102,10 +102,13 @@ def open_study(name: str, storage: str | None, default_journal: Path, sampler: s
                metric_names: Sequence[str] | None = None) -> StudyHandle:
     """Create the study or load it if it exists (resume), with the requested sampler."""
     built, url, lock = make_storage(storage, default_journal)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar and log lines say what matters
     study = optuna.create_study(storage=built, study_name=name, sampler=make_sampler(sampler, seed),
                                 directions=list(directions), load_if_exists=True)
     if metric_names and not study.metric_names:
-        study.set_metric_names(list(metric_names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(metric_names))
     return StudyHandle(study=study, storage_url=url, lock_path=lock)
 
 
