@@ -190,7 +190,7 @@ def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefact
 
     n = workload.prompt_tokens
     grid = sorted({max(16, n // 4), max(16, n // 2), n})
-    curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=(n,),
+    curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=tuple(grid),
                             warmup=1, repeats=3)
     save_curves(curves, artefacts / "profile.csv")
     return curves
