@@ -104,7 +104,6 @@ class TechniqueRuntime(ABC):
 
 
 _RUNTIMES: dict[str, TechniqueRuntime] = {}
-_BUILTIN_NAMES: set[str] = set()
 _builtins_loaded = False
 
 
@@ -114,10 +113,8 @@ def _load_builtins() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True  # set first: a module importing the registry must not recurse
-    before = set(_RUNTIMES)
     for module in _BUILTIN_RUNTIME_MODULES:
         importlib.import_module(module)
-    _BUILTIN_NAMES.update(set(_RUNTIMES) - before)
 
 
 def register_runtime(runtime: TechniqueRuntime, *, replace: bool = False) -> TechniqueRuntime:
@@ -142,7 +139,6 @@ def register_runtime(runtime: TechniqueRuntime, *, replace: bool = False) -> Tec
 def unregister_runtime(name: str) -> None:
     """Remove a runtime (tests and interactive experiments); unknown names are ignored."""
     _RUNTIMES.pop(name, None)
-    _BUILTIN_NAMES.discard(name)
 
 
 def get_runtime(name: str) -> TechniqueRuntime:
@@ -163,7 +159,7 @@ def registered_runtimes() -> dict[str, TechniqueRuntime]:
 def builtin_runtime_names() -> list[str]:
     """Names of the runtimes shipped with autotune (the ones ``policy.schema.json`` describes)."""
     _load_builtins()
-    return sorted(n for n in _BUILTIN_NAMES if n in _RUNTIMES)
+    return sorted(n for n, rt in _RUNTIMES.items() if type(rt).__module__ in _BUILTIN_RUNTIME_MODULES)
 
 
 def _known_names() -> str:
