@@ -1,0 +1,108 @@
+"""Built-in models: small Hugging Face checkpoints shipped with the package (``--model builtin:NAME``).
+
+``builtin:tiny`` is a 6-layer Llama (GQA, tied embeddings, ~4.9M parameters) with its own byte-level BPE
+tokenizer, trained by ``python -m tuner.builtin.train tiny`` on the built-in tasks (:mod:`tuner.tasks`)
+and the local Python standard-library source.  It is good at the built-in tasks and big enough that
+a 1k-token prefill takes tens of milliseconds on a CPU, so techniques have real work to skip.
+
+The weights are committed (``checkpoints/tiny/``, fp32, ~20 MB) rather than trained on first use:
+training takes ~40 minutes on 2 CPU cores, far over the few-minute first-use budget, and CI (90 min)
+must not spend half its time training.  ``checkpoints/tiny/train_meta.json`` records the recipe, the
+Python/stdlib it was trained on, the wall time and the accuracies measured at the end of training.
+
+Adding a model (``tiny-draft``, ``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe in
+``tuner/builtin/train.py``.  This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
+(plain ``AutoModelForCausalLM.from_pretrained(builtin_checkpoint(name))``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BuiltinModel",
+    "BUILTIN_MODELS",
+    "CHECKPOINT_ROOT",
+    "UnknownBuiltinModel",
+    "builtin_checkpoint",
+    "get_builtin_model",
+    "list_builtin_models",
+]
+
+PREFIX = "builtin:"
+CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One built-in model: where its checkpoint lives and how it is (re)trained."""
+
+    name: str
+    description: str
+    kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM); later e.g. "masked-diffusion"
+    train_recipe: str = ""  # key of tuner.builtin.train.RECIPES; `python -m tuner.builtin.train NAME`
+    tasks: tuple[str, ...] = ()  # built-in tasks (tuner.tasks) it is trained for
+
+    @property
+    def spec(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return CHECKPOINT_ROOT / self.name
+
+    @property
+    def train_command(self) -> str:
+        return f"python -m tuner.builtin.train {self.train_recipe or self.name}"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny": BuiltinModel(
+        name="tiny",
+        description=(
+            "6-layer Llama (hidden 256, 4 heads / 2 KV heads, vocab 2048, ~4.9M params) trained on the "
+            "built-in tasks (retrieval, pattern) and Python stdlib code"
+        ),
+        kind="causal-lm",
+        train_recipe="tiny",
+        tasks=("retrieval", "retrieval-2k", "pattern", "code"),
+    ),
+}
+
+
+class UnknownBuiltinModel(KeyError, ValueError):
+    """Unknown built-in model name (both a ``KeyError`` and a ``ValueError``), with a one-line message."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def list_builtin_models() -> list[BuiltinModel]:
+    """The registered built-in models, sorted by name."""
+    return [BUILTIN_MODELS[k] for k in sorted(BUILTIN_MODELS)]
+
+
+def get_builtin_model(name: str) -> BuiltinModel:
+    """The registry entry for ``name`` (``"tiny"`` or ``"builtin:tiny"``)."""
+    key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+    try:
+        return BUILTIN_MODELS[key]
+    except KeyError:
+        known = ", ".join(PREFIX + k for k in sorted(BUILTIN_MODELS))
+        raise UnknownBuiltinModel(f"unknown built-in model {name!r}; known: {known}") from None
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """Directory of the Hugging Face checkpoint of built-in model ``name`` (``"tiny"`` or ``"builtin:tiny"``).
+
+    Raises :class:`UnknownBuiltinModel` for unknown names and ``FileNotFoundError`` (naming the training
+    command) when the checkpoint directory is missing.
+    """
+    entry = get_builtin_model(name)
+    path = entry.checkpoint
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint of {entry.spec} not found at {path}; train it with `{entry.train_command}`"
+        )
+    return path

@@ -1,0 +1,353 @@
+"""Built-in tasks: deterministic, generated examples the built-in models are trained on and scored with.
+
+Three tasks, each a :class:`Task` whose :meth:`Task.examples` is a pure function of ``(n, seed)``:
+
+``retrieval``
+    Long-context key/value lookup.  The prompt is a table of ``adjective_noun = 1234`` lines (about
+    1.1-1.4k tokens with the ``builtin:tiny`` tokenizer) followed by a question and the start of the
+    answer line; the answer is the four-digit value, found in exactly one line of the context, so a
+    technique that drops the wrong tokens loses the answer.  ``retrieval-2k`` is the same task with
+    about 2.1-2.5k-token prompts; ``RetrievalTask(n_pairs=(lo, hi))`` gives any other length.
+``pattern``
+    Short predictable continuations on one line: copying a list, continuing an arithmetic
+    progression, continuing a repeating cycle.
+``code``
+    Free-text continuation of Python code taken from held-out files of the local Python installation's
+    standard library (a deterministic split by file path, see :func:`is_heldout`).  Meant for top-1
+    agreement / KL metrics against the dense model; its exact-match score (the next line) is only a
+    rough signal.
+
+Scoring is exact match of the first line of the prediction, stripped (``Task.score``), i.e. generation
+is read up to the first newline, which is where every answer ends.
+
+The training data of the built-in models (``tuner/builtin/data.py``) uses these same generators with
+seeds from a disjoint range (:data:`TRAIN_SEED_OFFSET` and above); evaluation uses small seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Example",
+    "Task",
+    "RetrievalTask",
+    "PatternTask",
+    "CodeTask",
+    "TASKS",
+    "get_task",
+    "list_tasks",
+    "code_samples",
+    "stdlib_root",
+    "stdlib_files",
+    "is_heldout",
+    "TRAIN_SEED_OFFSET",
+]
+
+#: Training data draws seeds at or above this value; evaluation seeds should stay below it.
+TRAIN_SEED_OFFSET = 1_000_000
+
+ADJECTIVES = (
+    "amber azure bold brave brisk calm clever crisp dark eager early fancy fast fierce gentle golden "
+    "grand green happy jolly keen kind lazy lively lucky mellow mighty misty noble odd pale plain "
+    "proud quick quiet rapid red rosy royal rusty sandy sharp shiny silent silver sleepy slow smart "
+    "snowy solid stormy sunny swift tall tiny vivid warm wild windy wise young zesty bright humble"
+).split()
+NOUNS = (
+    "apple badger bear birch canyon cedar cliff cloud comet crane creek daisy dolphin dragon eagle "
+    "falcon fern finch forest fox garden glacier harbor hawk heron island jaguar lake lantern lemon "
+    "lion maple meadow moon mountain oak ocean otter owl panda pebble pine planet pond rabbit raven "
+    "river robin rocket sparrow star stone summit thunder tiger tulip valley violet walrus whale "
+    "willow wolf zebra"
+).split()
+COLORS = "red green blue black white pink gray gold cyan brown".split()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and its expected answer (the text greedy decoding should produce, up to a newline)."""
+
+    prompt: str
+    answer: str
+    task: str
+
+
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+class Task:
+    """Base class: a named, seeded example generator with an exact-match scorer."""
+
+    name: str = ""
+    description: str = ""
+    max_new_tokens: int = 16
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` examples, a pure function of ``(task parameters, n, seed)``."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}:{seed}")
+        return [self.example(rng) for _ in range(n)]
+
+    def example(self, rng: random.Random) -> Example:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score(self, prediction: str, answer: str) -> float:
+        """1.0 when the first line of ``prediction`` equals ``answer`` (both stripped), else 0.0."""
+        return 1.0 if _first_line(prediction) == _first_line(answer) else 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# --------------------------------------------------------------------------------------------- retrieval
+
+
+@dataclass(frozen=True)
+class RetrievalDoc:
+    """The parts of one retrieval example; ``format`` turns it into text."""
+
+    pairs: tuple[tuple[str, str], ...]  # (key, value), in table order
+    queries: tuple[int, ...]  # indices into pairs
+
+
+@dataclass(repr=False)
+class RetrievalTask(Task):
+    """Key/value lookup over a long table; ``n_pairs`` (an int or an inclusive range) sets the length.
+
+    With the ``builtin:tiny`` tokenizer one table line is 10 tokens, so ``n_pairs=(105, 135)`` gives
+    prompts of about 1.1-1.4k tokens and ``n_pairs=(205, 240)`` about 2.1-2.5k.
+    """
+
+    name: str = "retrieval"
+    n_pairs: int | tuple[int, int] = (105, 135)
+    value_digits: int = 4
+    description: str = "long-context key/value lookup: find the 4-digit value of one key in a long table"
+    max_new_tokens: int = 8
+
+    HEADER = "# Look up the value of a key in the table below.\n"
+
+    def __post_init__(self) -> None:
+        lo, hi = self._range()
+        if not 1 <= lo <= hi <= len(ADJECTIVES) * len(NOUNS):
+            raise ValueError(f"n_pairs must be within 1..{len(ADJECTIVES) * len(NOUNS)}, got {self.n_pairs}")
+
+    def _range(self) -> tuple[int, int]:
+        if isinstance(self.n_pairs, int):
+            return self.n_pairs, self.n_pairs
+        lo, hi = self.n_pairs
+        return int(lo), int(hi)
+
+    def doc(self, rng: random.Random, n_pairs: int | None = None, n_queries: int = 1) -> RetrievalDoc:
+        if n_pairs is None:
+            n_pairs = rng.randint(*self._range())
+        n_keys = len(ADJECTIVES) * len(NOUNS)
+        codes = rng.sample(range(n_keys), n_pairs)
+        lo = 10 ** (self.value_digits - 1)
+        pairs = tuple(
+            (f"{ADJECTIVES[c // len(NOUNS)]}_{NOUNS[c % len(NOUNS)]}", str(rng.randrange(lo, 10 * lo)))
+            for c in codes
+        )
+        queries = tuple(rng.sample(range(n_pairs), min(n_queries, n_pairs)))
+        return RetrievalDoc(pairs, queries)
+
+    @classmethod
+    def table_text(cls, doc: RetrievalDoc) -> str:
+        return cls.HEADER + "".join(f"{k} = {v}\n" for k, v in doc.pairs)
+
+    @staticmethod
+    def query_text(key: str) -> str:
+        return f"\n# What is the value of this key?\n{key} ="
+
+    def example(self, rng: random.Random) -> Example:
+        doc = self.doc(rng)
+        key, value = doc.pairs[doc.queries[0]]
+        return Example(self.table_text(doc) + self.query_text(key), " " + value, self.name)
+
+    def training_text(self, rng: random.Random, n_pairs: int, n_queries: int) -> str:
+        """One training document: the table, then ``n_queries`` answered questions (distinct keys)."""
+        doc = self.doc(rng, n_pairs=n_pairs, n_queries=n_queries)
+        parts = [self.table_text(doc)]
+        for q in doc.queries:
+            key, value = doc.pairs[q]
+            parts.append(self.query_text(key) + f" {value}\n")
+        return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- pattern
+
+
+@dataclass(repr=False)
+class PatternTask(Task):
+    """One-line predictable continuations: ``copy``, ``next`` (arithmetic progression), ``cycle``."""
+
+    name: str = "pattern"
+    description: str = "short predictable continuations: copy a list, continue a progression or a cycle"
+    max_new_tokens: int = 24
+    kinds: tuple[str, ...] = ("copy", "next", "cycle")
+
+    def example(self, rng: random.Random) -> Example:
+        kind = self.kinds[rng.randrange(len(self.kinds))]
+        prompt, answer = getattr(self, f"_{kind}")(rng)
+        return Example(f"{kind}: {prompt} |", " " + answer, self.name)
+
+    @staticmethod
+    def _copy(rng: random.Random) -> tuple[str, str]:
+        n = rng.randint(3, 8)
+        if rng.random() < 0.5:
+            items = [str(rng.randrange(10)) for _ in range(n)]
+        else:
+            items = [rng.choice(NOUNS) for _ in range(n)]
+        text = " ".join(items)
+        return text, text
+
+    @staticmethod
+    def _next(rng: random.Random) -> tuple[str, str]:
+        start, step = rng.randint(0, 99), rng.randint(1, 9)
+        n_shown = rng.randint(3, 5)
+        seq = [start + i * step for i in range(n_shown + 3)]
+        return " ".join(map(str, seq[:n_shown])), " ".join(map(str, seq[n_shown:]))
+
+    @staticmethod
+    def _cycle(rng: random.Random) -> tuple[str, str]:
+        period = rng.randint(2, 4)
+        vocab = COLORS if rng.random() < 0.5 else NOUNS
+        unit = rng.sample(vocab, period)
+        n_shown = rng.randint(2 * period, 3 * period)
+        seq = [unit[i % period] for i in range(n_shown + 4)]
+        return " ".join(seq[:n_shown]), " ".join(seq[n_shown:])
+
+    def training_text(self, rng: random.Random, n_examples: int) -> str:
+        """Several answered examples, one per line."""
+        return "".join(f"{e.prompt}{e.answer}\n" for e in (self.example(rng) for _ in range(n_examples)))
+
+
+# --------------------------------------------------------------------------------------------- code
+
+
+def stdlib_root() -> Path:
+    """The directory holding this Python's standard-library source files."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_heldout(relpath: str) -> bool:
+    """Deterministic ~10% held-out split of stdlib files, by a hash of their POSIX relative path."""
+    return hashlib.sha256(relpath.encode()).digest()[0] % 10 == 0
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_files(split: str = "heldout", max_bytes: int = 200_000) -> tuple[tuple[str, Path], ...]:
+    """``(relpath, path)`` of stdlib ``.py`` files in ``split`` ("heldout", "train" or "all"), sorted.
+
+    Excludes ``site-packages`` and files larger than ``max_bytes`` (generated tables).
+    """
+    if split not in ("heldout", "train", "all"):
+        raise ValueError(f"split must be 'heldout', 'train' or 'all', got {split!r}")
+    root = stdlib_root()
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")) or "/site-packages/" in rel:
+            continue
+        try:
+            if not path.is_file() or path.stat().st_size > max_bytes or path.stat().st_size < 200:
+                continue
+        except OSError:
+            continue
+        held = is_heldout(rel)
+        if split == "all" or (split == "heldout") == held:
+            out.append((rel, path))
+    if not out:
+        raise FileNotFoundError(f"no Python standard-library source files found under {root}")
+    return tuple(out)
+
+
+def read_source(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.replace("\r\n", "\n")
+
+
+def _code_window(rng: random.Random, n_chars: int) -> tuple[str, str]:
+    """A window of held-out code starting at a line start: (text of about n_chars chars, following text)."""
+    files = stdlib_files("heldout")
+    for _ in range(100):
+        _, path = files[rng.randrange(len(files))]
+        text = read_source(path)
+        if text is None or len(text) < n_chars // 2:
+            continue
+        last = max(0, len(text) - n_chars)
+        starts = [0] + [m.end() for m in re.finditer("\n", text) if m.end() <= last]
+        start = starts[rng.randrange(len(starts))]
+        window = text[start : start + n_chars]
+        cut = window.rfind("\n")
+        if cut > 0:
+            window = window[: cut + 1]
+        return window, text[start + len(window) :]
+    raise RuntimeError("could not draw a code sample from the held-out standard-library files")
+
+
+def code_samples(n: int, seed: int, n_chars: int = 2000) -> list[str]:
+    """``n`` windows of about ``n_chars`` characters of held-out stdlib code, each starting at a line start.
+
+    Deterministic for a given Python installation (the held-out split is by file path).
+    """
+    rng = random.Random(f"code_samples:{seed}:{n_chars}")
+    return [_code_window(rng, n_chars)[0] for _ in range(n)]
+
+
+@dataclass(repr=False)
+class CodeTask(Task):
+    """Continue held-out stdlib Python code; the answer is the next non-empty line."""
+
+    name: str = "code"
+    description: str = "free-text continuation of held-out Python standard-library code"
+    max_new_tokens: int = 48
+    n_chars: int = 1500
+
+    def example(self, rng: random.Random) -> Example:
+        while True:
+            window, rest = _code_window(rng, self.n_chars)
+            lines = [ln for ln in rest.split("\n") if ln.strip()]
+            if not lines:
+                continue
+            # keep the blank lines before the answer in the prompt so the answer is one line of code
+            skip = rest.index(lines[0])
+            prompt = window + rest[:skip]
+            return Example(prompt, lines[0], self.name)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Task] = {
+    "retrieval": RetrievalTask(),
+    "retrieval-2k": RetrievalTask(
+        name="retrieval-2k",
+        n_pairs=(205, 240),
+        description="long-context key/value lookup with ~2k-token prompts",
+    ),
+    "pattern": PatternTask(),
+    "code": CodeTask(),
+}
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The built-in task ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}") from None
+
