@@ -47,7 +47,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
     dev = torch_device(device)
     loaded = load_model(model_spec, dev)
     if workload is None:
-        workload = Workload(**policy.workload.as_dict()) if policy is not None else Workload()  # type: ignore[attr-defined]
+        workload = Workload.from_policy(policy) if policy is not None else Workload()
     variants = [Variant("dense", None)]
     if policy is not None:
         # Refuses a policy for another model before any timing.
@@ -60,7 +60,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
 
     harness = QualityHarness(loaded.model, loaded.tokenizer, quality or QualityConfig())
     reference = harness.reference()
-    metric = policy.objective.quality_metric if policy is not None else "accuracy"  # type: ignore[attr-defined]
+    metric = (policy.objective.quality_metric if policy is not None else None) or "accuracy"
     qualities: dict[str, float] = {"dense": reference.metric(metric)}
     input_ids = timing_input_ids(loaded.tokenizer, workload.prompt_tokens, dev)
     samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}

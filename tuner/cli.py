@@ -154,15 +154,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from policies import load_policy_file
     from tuner.bench import run_bench
+    from tuner.workload import Workload
 
     policy = load_policy_file(args.policy) if args.policy else None
-    workload = _workload(args) if (args.prompt_tokens or args.new_tokens) else None
-    if workload is None and policy is None:
-        from tuner.workload import Workload
-
-        workload = Workload()
-    elif args.prompt_tokens is None or args.new_tokens is None:
-        workload = None if policy is not None and workload is None else workload
+    base = Workload.from_policy(policy) if policy is not None else Workload()
+    workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
+                        new_tokens=args.new_tokens or base.new_tokens, dtype=base.dtype)
     document = run_bench(args.model, policy, args.device, workload, repeats=args.repeats,
                          quality=_quality(args), with_presets=not args.no_presets, log=_say)
     if args.json:

@@ -33,6 +33,12 @@ class Workload:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_policy(cls, policy: Any) -> Workload:
+        """The workload a policy was tuned for (`policy.workload`)."""
+        w = policy.workload
+        return cls(batch_size=w.batch_size, prompt_tokens=w.prompt_tokens, new_tokens=w.new_tokens, dtype=w.dtype)
+
 
 def timing_input_ids(tokenizer: Any, prompt_tokens: int, device: torch.device, seed: int = 7) -> torch.Tensor:
     """`prompt_tokens` ids of real code text, shape (1, prompt_tokens)."""
