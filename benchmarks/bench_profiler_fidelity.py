@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     print(f"command: `{cmd}`  (warmup {args.warmup}, repeats {args.repeats}, medians)")
+    if hasattr(os, "getloadavg"):  # timings on a shared machine mean little without this
+        print("load average at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print()
     print(
         "| model | mode | n_tokens | n_query | sum of parts ms | unhooked ms | hooked ms | fidelity "
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     print(f"worst |fidelity - 1| = {worst * 100:.1f}%")
+    if hasattr(os, "getloadavg"):
+        print("load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(profiles, indent=2))
     return 0
