@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from policies import apply_policy, model_fingerprint, policy_from_dict, policy_path, save_policy
+from policies.schema import tool_version
 from policies.store import model_slug
 from profilers.device import DeviceFingerprint, resolve_device, torch_device
 from search_spaces import SearchContext, SearchSpace, get_search_space
@@ -27,7 +28,6 @@ from tuner.study import TrialOutcome, open_study, pareto_front, run_trials, sele
 from tuner.workload import Workload, timing_input_ids
 
 OBJECTIVES = {"ttft_ms": "minimize", "latency_ms": "minimize", "tokens_per_s": "maximize"}
-TOOL_VERSION = "0.1.0"
 
 
 @dataclass
@@ -100,7 +100,7 @@ def build_policy_dict(loaded: LoadedModel, device: DeviceFingerprint, workload: 
         "workload": workload.as_dict(),
         "objective": objective,
         "techniques": sections,
-        "provenance": provenance or {"tool_version": TOOL_VERSION, "created_at": _now()},
+        "provenance": provenance or {"tool_version": tool_version(), "created_at": _now()},
     }
     if measured is not None:
         document["measured"] = measured
@@ -173,7 +173,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
 
     measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric),
                 "tuned": best.user_attrs["measured"]}
-    provenance = {"tool_version": TOOL_VERSION, "study": study_name, "storage": handle.storage_url,
+    provenance = {"tool_version": tool_version(), "study": study_name, "storage": handle.storage_url,
                   "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
                   "n_trials": len(trials)}
     document = build_policy_dict(loaded, device, cfg.workload, cfg, best.user_attrs["sections"], measured,
