@@ -21,6 +21,7 @@ _EXPORTS = {
     "time_callable": "timing",
     "ModelParts": "model_parts",
     "decoder_parts": "model_parts",
+    "CurveInterpolator": "layer_profiler",
     "LayerRecord": "layer_profiler",
     "ModelProfile": "layer_profiler",
     "interpolate_forward_latency": "layer_profiler",

@@ -29,6 +29,7 @@ Modes:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
 import inspect
@@ -50,6 +51,7 @@ from .timing import Timer, as_torch_device, synchronize
 
 __all__ = [
     "CURVE_COLUMNS",
+    "CurveInterpolator",
     "LayerRecord",
     "ModelProfile",
     "interpolate_forward_latency",
@@ -657,21 +659,21 @@ def load_curves(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def _interp1d(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear through sorted points, linear extrapolation from the end segments, constant
-    for a single point.  Duplicated x values are averaged first."""
+    """Piecewise-linear through the points, linear extrapolation from the end segments, constant for a
+    single point.  Duplicated x values are averaged first."""
     pts: dict[float, list[float]] = {}
     for a, b in zip(xs, ys, strict=True):
         pts.setdefault(float(a), []).append(float(b))
     grid = sorted(pts)
     vals = [statistics.fmean(pts[g]) for g in grid]
+    return _interp_sorted(grid, vals, float(x))
+
+
+def _interp_sorted(grid: Sequence[float], vals: Sequence[float], x: float) -> float:
     if len(grid) == 1:
         return vals[0]
-    if x <= grid[0]:
-        j = 0
-    elif x >= grid[-1]:
-        j = len(grid) - 2
-    else:
-        j = max(k for k in range(len(grid) - 1) if grid[k] <= x)
+    j = bisect.bisect_right(grid, x) - 1
+    j = min(max(j, 0), len(grid) - 2)
     x0, x1, y0, y1 = grid[j], grid[j + 1], vals[j], vals[j + 1]
     y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     if (x < grid[0] or x > grid[-1]) and min(vals) >= 0:
@@ -679,21 +681,91 @@ def _interp1d(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return y
 
 
-def _interp2d(sub: pd.DataFrame, n_query: float, n_kv: float, column: str) -> float:
-    """Per grid value of ``n_query_tokens``: piecewise-linear in ``n_kv_tokens``; then piecewise-linear
-    across ``n_query_tokens``.  On the prefill diagonal (n_query == n_kv) this reduces to 1-D in tokens."""
-    qs, vals = [], []
-    for q, g in sub.groupby("n_query_tokens"):
-        qs.append(float(q))
-        vals.append(_interp1d(g["n_kv_tokens"].tolist(), g[column].tolist(), float(n_kv)))
-    return _interp1d(qs, vals, float(n_query))
+class CurveInterpolator:
+    """Fast repeated predictions from one curves table (what a cost model inside an Optuna loop wants:
+    the table is grouped once, each prediction is then a few bisections).
 
+    Per (mode, part, layer_index) and per grid value of ``n_query_tokens``, ``column`` is piecewise-linear
+    in ``n_kv_tokens``; those values are then piecewise-linear across ``n_query_tokens``.  On the prefill
+    diagonal (``n_query == n_kv``) this is 1-D in tokens; for decode it is bilinear-like on the grid.
+    Beyond the grid the end segments are extended linearly (held constant along an axis with a single
+    grid value)."""
 
-def _pick_mode(df: pd.DataFrame, n_query: float, n_kv: float) -> str:
-    modes = set(df["mode"].unique())
-    if len(modes) == 1:
-        return next(iter(modes))
-    return "prefill" if n_query == n_kv and "prefill" in modes else "decode"
+    def __init__(self, df: pd.DataFrame, column: str = "latency_ms") -> None:
+        missing = [c for c in CURVE_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"curves table is missing columns: {', '.join(missing)}")
+        self.column = column
+        self.modes: set[str] = set(df["mode"].unique())
+        self._names: dict[str, tuple[str, int]] = {}
+        if "name" in df.columns:
+            for name, part, idx in df[["name", "part", "layer_index"]].drop_duplicates().itertuples(index=False):
+                self._names.setdefault(str(name), (str(part), int(idx)))
+        self._curves: dict[tuple[str, str, int], list[tuple[float, list[float], list[float]]]] = {}
+        keys = ["mode", "part", "layer_index", "n_query_tokens"]
+        grouped: dict[tuple[str, str, int], dict[float, dict[float, list[float]]]] = {}
+        for mode, part, idx, nq, nkv, val in df[[*keys, "n_kv_tokens", column]].itertuples(index=False):
+            by_q = grouped.setdefault((str(mode), str(part), int(idx)), {})
+            by_q.setdefault(float(nq), {}).setdefault(float(nkv), []).append(float(val))
+        for key, by_q in grouped.items():
+            rows = []
+            for nq in sorted(by_q):
+                kv_grid = sorted(by_q[nq])
+                rows.append((nq, kv_grid, [statistics.fmean(by_q[nq][k]) for k in kv_grid]))
+            self._curves[key] = rows
+
+    def _pick_mode(self, part: str, n_query: float, n_kv: float) -> str:
+        modes = {m for (m, p, _) in self._curves if p == part}
+        if len(modes) == 1:
+            return next(iter(modes))
+        return "prefill" if n_query == n_kv and "prefill" in modes else "decode"
+
+    def _one(self, key: tuple[str, str, int], n_query: float, n_kv: float) -> float:
+        rows = self._curves[key]
+        qs = [r[0] for r in rows]
+        vals = [_interp_sorted(kv, ys, n_kv) for _, kv, ys in rows]
+        return _interp_sorted(qs, vals, n_query)
+
+    def latency(
+        self,
+        part: str,
+        n_query_tokens: float,
+        n_kv_tokens: float,
+        *,
+        layer_index: int | None = None,
+        mode: str | None = None,
+        reduce: Literal["mean", "sum"] = "mean",
+    ) -> float:
+        """See :func:`interpolate_latency`."""
+        if not any(p == part for (_, p, _) in self._curves) and part in self._names:
+            part, layer_index = self._names[part]
+        if not any(p == part for (_, p, _) in self._curves):
+            raise ValueError(f"no curve rows for part {part!r}")
+        use_mode = mode or self._pick_mode(part, n_query_tokens, n_kv_tokens)
+        keys = [k for k in self._curves if k[0] == use_mode and k[1] == part]
+        if layer_index is not None:
+            keys = [k for k in keys if k[2] == layer_index]
+        if not keys:
+            where = f" layer {layer_index}" if layer_index is not None else ""
+            raise ValueError(f"no {use_mode!r} curve rows for part {part!r}{where}")
+        values = [self._one(k, float(n_query_tokens), float(n_kv_tokens)) for k in keys]
+        return float(sum(values) if reduce == "sum" else statistics.fmean(values))
+
+    def forward(self, n_query_tokens: float, n_kv_tokens: float, *, mode: str | None = None) -> float:
+        """Whole-forward prediction: every part and layer (``other`` included) interpolated and summed."""
+        if mode is None:
+            modes = self.modes
+            use_mode = (
+                next(iter(modes))
+                if len(modes) == 1
+                else ("prefill" if n_query_tokens == n_kv_tokens and "prefill" in modes else "decode")
+            )
+        else:
+            use_mode = mode
+        keys = [k for k in self._curves if k[0] == use_mode]
+        if not keys:
+            raise ValueError(f"no {use_mode!r} curve rows")
+        return float(sum(self._one(k, float(n_query_tokens), float(n_kv_tokens)) for k in keys))
 
 
 def interpolate_latency(
@@ -713,32 +785,15 @@ def interpolate_latency(
     module name as in the ``name`` column.  With ``layer_index=None`` and several layers, each layer is
     interpolated and the results are averaged (``reduce="mean"``: a typical layer) or summed.
     ``mode=None`` picks prefill when ``n_query_tokens == n_kv_tokens`` and decode otherwise (or the only
-    mode present)."""
-    sel = df[df["part"] == part]
-    if sel.empty and "name" in df.columns:
-        sel = df[df["name"] == part]
-    if sel.empty:
-        raise ValueError(f"no curve rows for part {part!r}")
-    if layer_index is not None:
-        sel = sel[sel["layer_index"] == layer_index]
-        if sel.empty:
-            raise ValueError(f"no curve rows for part {part!r} layer {layer_index}")
-    use_mode = mode or _pick_mode(sel, n_query_tokens, n_kv_tokens)
-    sel = sel[sel["mode"] == use_mode]
-    if sel.empty:
-        raise ValueError(f"no {use_mode!r} curve rows for part {part!r}")
-    values = [_interp2d(g, n_query_tokens, n_kv_tokens, column) for _, g in sel.groupby("layer_index")]
-    return float(sum(values) if reduce == "sum" else statistics.fmean(values))
+    mode present).  Piecewise-linear inside the grid, linear extrapolation outside (see
+    :class:`CurveInterpolator`, which is faster for many predictions from one table)."""
+    return CurveInterpolator(df, column).latency(
+        part, n_query_tokens, n_kv_tokens, layer_index=layer_index, mode=mode, reduce=reduce
+    )
 
 
 def interpolate_forward_latency(
     df: pd.DataFrame, n_query_tokens: float, n_kv_tokens: float, *, mode: str | None = None
 ) -> float:
     """Whole-forward latency: every part and layer (plus ``other``) interpolated and summed."""
-    use_mode = mode or _pick_mode(df, n_query_tokens, n_kv_tokens)
-    sub = df[df["mode"] == use_mode]
-    if sub.empty:
-        raise ValueError(f"no {use_mode!r} curve rows")
-    return float(
-        sum(_interp2d(g, n_query_tokens, n_kv_tokens, "latency_ms") for _, g in sub.groupby(["part", "layer_index"]))
-    )
+    return CurveInterpolator(df).forward(n_query_tokens, n_kv_tokens, mode=mode)

@@ -26,6 +26,7 @@ from transformers import (
 
 from profilers.layer_profiler import (
     CURVE_COLUMNS,
+    CurveInterpolator,
     interpolate_forward_latency,
     interpolate_latency,
     load_curves,
@@ -357,3 +358,13 @@ def test_interpolation_on_measured_curves(curves: pd.DataFrame) -> None:
     got = interpolate_latency(curves, "lm_head", row["n_query_tokens"], row["n_kv_tokens"], mode="decode")
     assert math.isclose(got, row["latency_ms"])
     assert interpolate_latency(curves, "model.layers.1", 12, 12, mode="prefill") > 0
+
+
+def test_curve_interpolator_matches_the_functions() -> None:
+    df = _synthetic()
+    fast = CurveInterpolator(df)
+    for nq, nkv in [(1, 100), (2, 700), (4, 1024), (3, 5000), (128, 128), (300, 300)]:
+        assert fast.latency("decoder_layer", nq, nkv) == interpolate_latency(df, "decoder_layer", nq, nkv)
+        assert fast.forward(nq, nkv) == interpolate_forward_latency(df, nq, nkv)
+    with pytest.raises(ValueError, match="missing"):
+        CurveInterpolator(df.drop(columns=["n_kv_tokens"]))
