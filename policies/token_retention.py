@@ -325,8 +325,9 @@ class _Sequence:
     n_prompt: int = 0
 
 
-# attention module -> (retention state, layer index). Weak keys: a dropped model frees its entries.
-_ATTN_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[_Retention, int]] = weakref.WeakKeyDictionary()
+# attention module -> (weak ref to the retention state, layer index). Weak both ways, so that a model dropped
+# without remove() is still freed (a strong value would keep its own key alive).
+_ATTN_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[_Retention], int]] = weakref.WeakKeyDictionary()
 _REGISTERED: set[str] = set()
 
 
@@ -358,10 +359,10 @@ def _make_attention(original: str) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
         owner = _ATTN_OWNERS.get(module)
-        if owner is None:  # a module of a model this runtime does not own (shared registry): plain original
+        state = owner[0]() if owner is not None else None
+        if state is None:  # a module this runtime does not own (the registry is process-wide): plain original
             return _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
-        state, layer = owner
-        return state.attention(layer, module, query, key, value, attention_mask, **kwargs)
+        return state.attention(owner[1], module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{_IMPL_PREFIX}{original}"
     return attention
@@ -599,14 +600,19 @@ class _Retention:
         q_len, n_keys = query.shape[2], key.shape[2]
         q_slots = fwd.cur_slots
         if q_len == 1 and window is None and fwd.pad is None:
-            return None  # one decode query sees every cached key (all are earlier slots)
+            return None  # one decode query sees every cached key (all are earlier slots), for SDPA and eager
         k_slots = self._key_slots(layer, n_keys, fwd)
+        if (
+            self.original == "sdpa"
+            and q_len == n_keys
+            and fwd.pad is None
+            and (window is None or int(k_slots[-1] - k_slots[0]) < window)
+            and torch.equal(q_slots, k_slots)
+        ):
+            return None  # a prefill whose queries are its keys: SDPA's is_causal does exactly this, fast
         allowed = _allowed(q_slots, k_slots, window, fwd.pad)
-        if bool(allowed.all()):
-            return None  # no mask needed (SDPA with q_len 1, or eager)
-        if (self.original == "sdpa" and q_len == n_keys and torch.equal(q_slots, k_slots)
-                and torch.equal(allowed, torch.ones_like(allowed).tril())):
-            return None  # SDPA's is_causal does exactly this, on its fast path
+        if q_len == 1 and bool(allowed.all()):
+            return None
         allowed = allowed[None, None]
         if self.original == "eager":
             return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
@@ -739,7 +745,7 @@ class TokenRetentionRuntime(TechniqueRuntime):
         undo: list[Callable[[], None]] = []
         try:
             for i, attn in enumerate(state.attn_modules):
-                _ATTN_OWNERS[attn] = (state, i)
+                _ATTN_OWNERS[attn] = (weakref.ref(state), i)
             undo.append(lambda: [_ATTN_OWNERS.pop(a, None) for a in state.attn_modules])
             impl = _register_impl(original)
             model.set_attn_implementation(impl)

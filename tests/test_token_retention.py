@@ -412,6 +412,36 @@ def test_decode_after_pruned_prefill_matches_reference(
     assert not torch.allclose(logits[0], dense_first, atol=1e-3)  # the drops did change something
 
 
+def test_cache_crop_and_multi_token_continuation_keep_positions() -> None:
+    """Assisted decoding crops the cache and feeds several tokens at once; the per-layer slot bookkeeping must
+    follow (re-feeding a cropped token reproduces its logits exactly)."""
+    model = tiny("llama", layers=5).double()
+    n = 96
+    with torch.no_grad():
+        handle = apply(model, keep=[1.0, 1.0, 0.5, 0.5, 0.25], min_prompt_tokens=16)
+        try:
+            out = model(prompt(n, seed=3))
+            cache = out.past_key_values
+            tokens, logits = [], []
+            tok = out.logits[0, -1].argmax()
+            for _ in range(3):
+                tokens.append(tok)
+                logits.append(model(tok.view(1, 1), past_key_values=cache).logits[0, -1])
+                tok = logits[-1].argmax()
+            cache.crop(-2)
+            assert handle.kv_lengths() == [97, 97, 49, 49, 25]
+            assert torch.equal(model(tokens[1].view(1, 1), past_key_values=cache).logits[0, -1], logits[1])
+            pair = torch.stack([tokens[2], logits[2].argmax()]).view(1, 2)
+            two = model(pair, past_key_values=cache).logits[0]
+            torch.testing.assert_close(two[0], logits[2], atol=1e-9, rtol=0)
+            # a left-padded prompt at batch 1: padding is masked out of every pruned layer, no NaN
+            mask = torch.ones(1, n, dtype=torch.long)
+            mask[0, :5] = 0
+            assert not model(prompt(n, seed=3), attention_mask=mask).logits.isnan().any()
+        finally:
+            handle.remove()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The attention scorer == explicit eager attention
 # ------------------------------------------------------------------------------------------------------------
