@@ -119,6 +119,7 @@ class ModelProfile:
     fidelity: float
     hook_overhead_pct: float
     other_ms: float
+    noise_pct: float = 0.0
     unhooked_samples_ms: list[float] = field(default_factory=list)
     hooked_samples_ms: list[float] = field(default_factory=list)
 
@@ -145,6 +146,7 @@ class ModelProfile:
             "fidelity": self.fidelity,
             "hook_overhead_pct": self.hook_overhead_pct,
             "other_ms": self.other_ms,
+            "noise_pct": self.noise_pct,
             "n_tokens": self.n_tokens,
             "n_query_tokens": self.n_query_tokens,
             "n_kv_tokens": self.n_kv_tokens,
@@ -511,9 +513,20 @@ def profile_model(
         fidelity=total / unhooked_ms if unhooked_ms > 0 else math.nan,
         hook_overhead_pct=(hooked_ms - unhooked_ms) / unhooked_ms * 100.0 if unhooked_ms > 0 else math.nan,
         other_ms=unhooked_ms - total,
+        noise_pct=_spread_pct(unhooked),
         unhooked_samples_ms=unhooked,
         hooked_samples_ms=hooked,
     )
+
+
+def _spread_pct(samples: Sequence[float]) -> float:
+    """Interquartile range of the un-hooked samples as % of their median: a profile taken while other
+    processes fight for the cores shows tens of percent here, a clean one a few percent."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    med = statistics.median(samples)
+    return (q3 - q1) / med * 100.0 if med > 0 else math.nan
 
 
 # --------------------------------------------------------------------------------------------------
