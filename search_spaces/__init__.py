@@ -15,7 +15,7 @@ __all__ = ["Preset", "SearchContext", "SearchSpace", "get_search_space", "regist
 
 _REGISTRY: dict[str, SearchSpace] = {}
 # One line per technique shipped with autotune: "module path" (imported lazily on first lookup).
-_BUILTIN_MODULES: tuple[str, ...] = ()
+_BUILTIN_MODULES: tuple[str, ...] = ("search_spaces.token_retention",)
 _loaded = False
 
 

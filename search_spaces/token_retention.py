@@ -25,6 +25,7 @@ from typing import Any
 
 import optuna
 
+from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
 FAMILIES = ("step", "stages", "prd_cosine", "sigmoid", "free")
@@ -203,3 +204,4 @@ def _cost_model(ctx: SearchContext) -> RetentionCostModel:
     if model is None:
         model = ctx.extras["_token_retention_cost"] = RetentionCostModel(ctx)
     return model
+register_search_space(TokenRetentionSpace())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,26 +148,38 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                         metric_names=(cfg.objective, cfg.quality_metric))
     _enqueue_presets(handle, spaces, ctx)
 
+    ctx.extras.update(objective=cfg.objective, baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric))
+
     def evaluate(trial: Any) -> TrialOutcome:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}
         policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
-        predicted = [space.predict_ms(sections[space.name], ctx) for space in spaces]
+        predicted = _predict(spaces, sections, ctx, cfg.objective)
         with apply_policy(model, policy) as tuned:
             quality = harness.evaluate(tuned.generate, tuned)
-            measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
-                                          torch_device(device), repeats=cfg.repeats)
-        value = quality.metric(cfg.quality_metric)
-        attrs = {"sections": sections, "measured": _measured_dict(measured, value, cfg.quality_metric),
-                 "quality": quality.summary()}
-        if all(p is not None for p in predicted):
-            attrs["predicted_ms"] = float(sum(predicted))  # type: ignore[arg-type]
+            value = quality.metric(cfg.quality_metric)
+            attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
+            if predicted is not None:
+                attrs["predicted_ms"] = predicted
+            incumbent = _incumbent(handle.study, cfg)
+            if _predicted_dominated(predicted, value, incumbent, cfg):
+                # Predicted slower than the best feasible trial at no better quality: timing it cannot change
+                # the outcome, so the cost model's number stands in (flagged, never selected as best).
+                attrs["latency_source"] = "predicted"
+                objective_value = float(predicted)  # type: ignore[arg-type]
+            else:
+                measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
+                                              torch_device(device), repeats=cfg.repeats)
+                attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric)
+                attrs["latency_source"] = "measured"
+                objective_value = getattr(measured, cfg.objective)
+                if predicted is not None and cfg.objective.endswith("_ms"):
+                    attrs["prediction_error"] = (predicted - objective_value) / objective_value
         drop = quality_drop(cfg.quality_metric, ref_quality, value)
-        return TrialOutcome(values=(getattr(measured, cfg.objective), value),
-                            constraint=drop - cfg.quality_budget, user_attrs=attrs)
+        return TrialOutcome(values=(objective_value, value), constraint=drop - cfg.quality_budget, user_attrs=attrs)
 
     run_trials(handle, evaluate, budget=cfg.budget, timeout_s=cfg.timeout_s, show_progress=cfg.show_progress)
     trials = handle.study.get_trials(deepcopy=False)
-    best, met = select_best(trials, 0, OBJECTIVES[cfg.objective])
+    best, met = select_best([t for t in trials if "measured" in t.user_attrs], 0, OBJECTIVES[cfg.objective])
     if best is None:
         raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
     _save_trials(trials, handle.study.directions, artefacts, cfg)
@@ -176,6 +189,10 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     provenance = {"tool_version": tool_version(), "study": study_name, "storage": handle.storage_url,
                   "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
                   "n_trials": len(trials)}
+    errors = [abs(t.user_attrs["prediction_error"]) for t in trials if "prediction_error" in t.user_attrs]
+    if errors:
+        provenance["cost_model_median_abs_error"] = round(statistics.median(errors), 4)
+        provenance["cost_model_measured_trials"] = len(errors)
     document = build_policy_dict(loaded, device, cfg.workload, cfg, best.user_attrs["sections"], measured,
                                  provenance, budget_met=met)
     policy = policy_from_dict(document)
@@ -183,6 +200,35 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
     return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
                       budget_met=met, n_trials=len(trials))
+
+
+def _predict(spaces: list[SearchSpace], sections: dict[str, Any], ctx: SearchContext, objective: str) -> float | None:
+    """The cost model's prediction of the objective (in ms), when exactly one technique has a cost hook.
+
+    Each hook predicts the whole workload's latency under its own section; combining several techniques'
+    predictions needs a joint model, which no technique provides yet, so then there is no prediction.
+    """
+    if not objective.endswith("_ms"):
+        return None
+    predictions = [p for p in (space.predict_ms(sections[space.name], ctx) for space in spaces) if p is not None]
+    return float(predictions[0]) if len(predictions) == 1 else None
+
+
+def _incumbent(study: Any, cfg: TuneConfig) -> Any:
+    """The best measured feasible trial so far, or None."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "measured" in t.user_attrs]
+    best, met = select_best(done, 0, OBJECTIVES[cfg.objective])
+    return best if met else None
+
+
+def _predicted_dominated(predicted: float | None, quality: float, incumbent: Any, cfg: TuneConfig,
+                         margin: float = 0.10) -> bool:
+    if predicted is None or incumbent is None or OBJECTIVES[cfg.objective] != "minimize":
+        return False
+    no_better = quality_drop(cfg.quality_metric, incumbent.values[1], quality) >= 0
+    return no_better and predicted > incumbent.values[0] * (1 + margin)
 
 
 def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefacts: Path) -> Any:
@@ -219,7 +265,9 @@ def _save_trials(trials: list[Any], directions: list[Any], artefacts: Path, cfg:
         measured = t.user_attrs.get("measured", {})
         rows.append({"number": t.number, "state": t.state.name, cfg.objective: t.values[0] if t.values else None,
                      cfg.quality_metric: t.values[1] if t.values else None,
-                     "predicted_ms": t.user_attrs.get("predicted_ms"), "ttft_ms": measured.get("ttft_ms"),
+                     "predicted_ms": t.user_attrs.get("predicted_ms"),
+                     "prediction_error": t.user_attrs.get("prediction_error"),
+                     "latency_source": t.user_attrs.get("latency_source"), "ttft_ms": measured.get("ttft_ms"),
                      "latency_ms": measured.get("latency_ms"), "tokens_per_s": measured.get("tokens_per_s"),
                      "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
                      "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
