@@ -27,6 +27,8 @@ from tuner.tasks import code_samples, get_task
 QUALITY_METRICS = ("accuracy", "top1_agreement", "mean_kl")
 # Metrics where larger is better; mean_kl is the only one where smaller is better.
 HIGHER_IS_BETTER = {"accuracy": True, "top1_agreement": True, "mean_kl": False}
+# Prefixes scored per free-text sample when a variant returns logits for fewer rows than it was given.
+PREFIX_POINTS = 8
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,28 @@ class QualityHarness:
             agree, total, kl_sum = 0, 0, 0.0
             with torch.inference_mode():
                 for ids, ref_lp in zip(self._free_text, self._ref_logprobs, strict=True):
-                    logits = forward(ids.to(self.device)).logits[0].float().cpu()
-                    lp = torch.log_softmax(logits, -1)
-                    agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+                    lp, ref = self._variant_logprobs(forward, ids, ref_lp)
+                    agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
                     total += lp.shape[0]
-                    kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum())
+                    kl_sum += float((ref.exp() * (ref - lp)).sum())
             report.top1_agreement = 100.0 * agree / max(total, 1)
             report.mean_kl = kl_sum / max(total, 1)
         return report
+
+    def _variant_logprobs(self, forward: Callable[[torch.Tensor], Any], ids: torch.Tensor,
+                          ref_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probs of a variant and the matching dense rows.
+
+        A technique that drops prompt rows (token retention) returns logits for fewer positions than it was
+        given; only the last position is guaranteed to be there, and it is the one generation uses. Then the
+        text is scored at the last position of `PREFIX_POINTS` prefixes (the dense row for a prefix ending at
+        position p is row p of the full causal forward).
+        """
+        logits = forward(ids.to(self.device)).logits[0].float().cpu()
+        if logits.shape[0] == ids.shape[1]:
+            return torch.log_softmax(logits, -1), ref_lp
+        n = ids.shape[1]
+        ends = sorted({max(1, round(n * (0.5 + 0.5 * i / (PREFIX_POINTS - 1)))) for i in range(PREFIX_POINTS)})
+        rows = [forward(ids[:, :end].to(self.device)).logits[0, -1].float().cpu() for end in ends]
+        return torch.log_softmax(torch.stack(rows), -1), ref_lp[[end - 1 for end in ends]]
+

@@ -161,7 +161,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             if predicted is not None:
                 attrs["predicted_ms"] = predicted
             incumbent = _incumbent(handle.study, cfg)
-            if _predicted_dominated(predicted, value, incumbent, cfg):
+            if _predicted_dominated(predicted, value, incumbent, cfg, _cost_model_trusted(handle.study)):
                 # Predicted slower than the best feasible trial at no better quality: timing it cannot change
                 # the outcome, so the cost model's number stands in (flagged, never selected as best).
                 attrs["latency_source"] = "predicted"
@@ -223,9 +223,16 @@ def _incumbent(study: Any, cfg: TuneConfig) -> Any:
     return best if met else None
 
 
+def _cost_model_trusted(study: Any, min_trials: int = 3, max_error: float = 0.15) -> bool:
+    """Trust predictions only after they matched measurements in this very study (device, load, workload)."""
+    errors = [abs(t.user_attrs["prediction_error"]) for t in study.get_trials(deepcopy=False)
+              if "prediction_error" in t.user_attrs]
+    return len(errors) >= min_trials and statistics.median(errors) <= max_error
+
+
 def _predicted_dominated(predicted: float | None, quality: float, incumbent: Any, cfg: TuneConfig,
-                         margin: float = 0.10) -> bool:
-    if predicted is None or incumbent is None or OBJECTIVES[cfg.objective] != "minimize":
+                         trusted: bool, margin: float = 0.10) -> bool:
+    if predicted is None or incumbent is None or not trusted or OBJECTIVES[cfg.objective] != "minimize":
         return False
     no_better = quality_drop(cfg.quality_metric, incumbent.values[1], quality) >= 0
     return no_better and predicted > incumbent.values[0] * (1 + margin)
@@ -235,9 +242,9 @@ def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefact
     from profilers.layer_profiler import profile_curves, save_curves
 
     n = workload.prompt_tokens
-    grid = sorted({max(16, n // 4), max(16, n // 2), n})
+    grid = sorted({max(16, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
     curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=tuple(grid),
-                            warmup=1, repeats=3)
+                            warmup=2, repeats=5)
     save_curves(curves, artefacts / "profile.csv")
     return curves
 
@@ -263,16 +270,18 @@ def _save_trials(trials: list[Any], directions: list[Any], artefacts: Path, cfg:
     rows = []
     for t in trials:
         measured = t.user_attrs.get("measured", {})
-        rows.append({"number": t.number, "state": t.state.name, cfg.objective: t.values[0] if t.values else None,
-                     cfg.quality_metric: t.values[1] if t.values else None,
-                     "predicted_ms": t.user_attrs.get("predicted_ms"),
-                     "prediction_error": t.user_attrs.get("prediction_error"),
-                     "latency_source": t.user_attrs.get("latency_source"), "ttft_ms": measured.get("ttft_ms"),
-                     "latency_ms": measured.get("latency_ms"), "tokens_per_s": measured.get("tokens_per_s"),
-                     "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
-                     "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
-                     "error": t.user_attrs.get("autotune:error"),
-                     "params": json.dumps(t.params, sort_keys=True)})
+        row = {"number": t.number, "state": t.state.name, "ttft_ms": measured.get("ttft_ms"),
+               "latency_ms": measured.get("latency_ms"), "tokens_per_s": measured.get("tokens_per_s"),
+               "predicted_ms": t.user_attrs.get("predicted_ms"),
+               "prediction_error": t.user_attrs.get("prediction_error"),
+               "latency_source": t.user_attrs.get("latency_source"),
+               "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
+               "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
+               "error": t.user_attrs.get("autotune:error"), "params": json.dumps(t.params, sort_keys=True)}
+        # The objective columns hold the study's values (measured, or predicted where timing was skipped).
+        row[cfg.objective] = t.values[0] if t.values else None
+        row[cfg.quality_metric] = t.values[1] if t.values else None
+        rows.append(row)
     frame = pd.DataFrame(rows)
     tmp = artefacts / "trials.csv.tmp"
     frame.to_csv(tmp, index=False)

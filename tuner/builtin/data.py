@@ -62,6 +62,7 @@ class Mixture:
 
     retrieval: float = 0.5
     pattern: float = 0.15
+    repeat: float = 0.0  # repeated random token sequences: the classic induction-head curriculum
 
 
 class TrainStream:
@@ -78,6 +79,7 @@ class TrainStream:
         self.seed = seed
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
         self.retrieval = tasks.RetrievalTask()
         self.pattern = tasks.PatternTask()
         texts = list(stdlib_train_texts())
@@ -108,6 +110,10 @@ class TrainStream:
         elif u < self.mix.retrieval + self.mix.pattern:
             while len(out) < length:
                 out += self._encode_doc(self.pattern.training_text(rng, rng.randint(4, 24)))
+        elif u < self.mix.retrieval + self.mix.pattern + self.mix.repeat:
+            while len(out) < length:
+                seg = [rng.randrange(3, self.vocab_size) for _ in range(rng.randint(8, 64))]
+                out += [self.bos, *(seg * rng.randint(2, 4)), self.eos]
         else:
             start = rng.randrange(len(self.code) - length)
             return self.code[start : start + length].astype(np.int64)
