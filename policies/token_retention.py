@@ -69,6 +69,7 @@ from torch import nn
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError
 from profilers.model_parts import decoder_parts
+from profilers.peak_memory import cache_nbytes  # noqa: F401 - re-exported: measured KV-cache size
 
 __all__ = [
     "DEFAULTS",
@@ -259,16 +260,6 @@ def kv_cache_bytes(
     decoded ones (every decoded token is kept by every layer)."""
     per_token = 2 * int(num_key_value_heads) * int(head_dim) * int(bytes_per_element)
     return sum((int(k) + int(new_tokens)) * per_token for k in kept)
-
-
-def cache_nbytes(past_key_values: Any) -> int:
-    """Measured bytes of keys + values held by a ``DynamicCache`` (what the bench reports as KV-cache size)."""
-    total = 0
-    for layer in getattr(past_key_values, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def droppable_mask(

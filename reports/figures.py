@@ -76,3 +76,16 @@ def predicted_vs_measured(trials: pd.DataFrame, metric: str, path: Path) -> Path
     ax.set_xlabel("predicted (ms)")
     ax.set_ylabel(f"measured {metric}")
     return _save(fig, path)
+
+
+def keep_schedules(schedules: dict[str, list[float]], path: Path) -> Path:
+    """Token-retention schedules: fraction of prompt tokens each layer keeps, tuned vs presets."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, keep in schedules.items():
+        style = {"linewidth": 2.5, "color": "#cc3311"} if name == "tuned" else {"linestyle": "--"}
+        ax.step(range(len(keep)), keep, where="mid", marker="o", label=name, **style)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("fraction of prompt kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -79,9 +79,14 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
         sections.append(curve_section)
     if (artefacts / "trials.csv").is_file():
         trials = pd.read_csv(artefacts / "trials.csv")
+        schedules = _keep_schedules(doc, trials)
+        if schedules:
+            schedule_section = Section("Token-retention schedule per layer")
+            schedule_section.images.append(figures.keep_schedules(schedules, fig_dir / f"{stem}-schedule.png"))
+            sections.append(schedule_section)
         metric, quality = objective.get("metric", "latency_ms"), objective.get("quality_metric", "accuracy")
         trial_section = Section(f"Trials ({len(trials)})")
-        trial_section.tables.append(trials.drop(columns=[c for c in ("params",) if c in trials]))
+        trial_section.tables.append(trials.drop(columns=[c for c in ("params", "sections") if c in trials]))
         if metric in trials and quality in trials and trials[metric].notna().any():
             trial_section.images.append(figures.pareto(trials, metric, quality,
                                                        fig_dir / f"{stem}-pareto.png"))
@@ -90,6 +95,21 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
                                                                       fig_dir / f"{stem}-predicted.png"))
         sections.append(trial_section)
     return sections
+
+
+def _keep_schedules(doc: dict[str, Any], trials: pd.DataFrame) -> dict[str, list[float]]:
+    """The tuned keep schedule and those of the preset trials (from their recorded sections)."""
+    tuned = (doc.get("techniques") or {}).get("token_retention")
+    if not tuned:
+        return {}
+    schedules = {"tuned": list(tuned["keep"])}
+    if "sections" in trials and "preset" in trials:
+        for _, row in trials[trials["preset"].notna()].iterrows():
+            sections = json.loads(row["sections"]) if isinstance(row["sections"], str) else None
+            section = (sections or {}).get("token_retention")
+            if section:
+                schedules[str(row["preset"]).split(":")[-1]] = list(section["keep"])
+    return schedules
 
 
 def collect_sections(path: Path, fig_dir: Path) -> list[Section]:

@@ -13,7 +13,7 @@ from typing import Any
 from policies import Policy, apply_policy, model_fingerprint, policy_from_dict, policy_to_dict
 from profilers.device import resolve_device, torch_device
 from search_spaces import SearchContext, get_search_space
-from tuner.measure import GenerationSample, _timed, measure_once, summarize
+from tuner.measure import GenerationSample, measure_once, prefill_kv_cache_mb, summarize, time_generate
 from tuner.models import load_model
 from tuner.quality import QualityConfig, QualityHarness
 from tuner.workload import Workload, timing_input_ids
@@ -65,12 +65,14 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
     input_ids = timing_input_ids(loaded.tokenizer, workload.prompt_tokens, dev)
     samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}
     kinds: dict[str, str] = {}
+    kv_mb: dict[str, float | None] = {}
     for v in variants:
         with apply_policy(loaded.model, v.policy) as handle:
+            kv_mb[v.name] = prefill_kv_cache_mb(handle, input_ids)
             if v.name != "dense":
                 qualities[v.name] = harness.evaluate(handle.generate, handle).metric(metric)
-            _timed(handle.generate, input_ids, 1, dev)  # warm-up of both call shapes
-            _timed(handle.generate, input_ids, workload.new_tokens, dev)
+            time_generate(handle.generate, input_ids, 1, dev)  # warm-up of both call shapes
+            time_generate(handle.generate, input_ids, workload.new_tokens, dev)
         say(f"{v.name}: {metric} {qualities[v.name]:.2f}")
     for r in range(repeats):
         for v in variants:
@@ -83,7 +85,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         m = summarize(samples[v.name], workload.new_tokens, kinds[v.name])
         results.append({"name": v.name, "ttft_ms": m.ttft_ms, "latency_ms": m.latency_ms,
                         "tokens_per_s": m.tokens_per_s, "peak_memory_mb": m.peak_memory_mb,
-                        "memory_kind": m.memory_kind, "quality": qualities[v.name], "quality_metric": metric})
+                        "memory_kind": m.memory_kind, "kv_cache_mb": kv_mb[v.name], "quality": qualities[v.name],
+                        "quality_metric": metric})
     dense = results[0]
     for row in results:
         row["speedup_latency"] = dense["latency_ms"] / row["latency_ms"]

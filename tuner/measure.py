@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from profilers.peak_memory import PeakMemory
+from profilers.peak_memory import PeakMemory, cache_nbytes
 from profilers.timing import synchronize
 
 GenerateFn = Callable[..., torch.Tensor]
@@ -40,14 +40,15 @@ class GenerationMeasurement:
     memory_kind: str
     new_tokens: int
     samples: list[GenerationSample] = field(default_factory=list)
+    kv_cache_mb: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return {"ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "tokens_per_s": self.tokens_per_s,
                 "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
-                "new_tokens": self.new_tokens}
+                "new_tokens": self.new_tokens, "kv_cache_mb": self.kv_cache_mb}
 
 
-def _timed(generate: GenerateFn, input_ids: torch.Tensor, n: int, device: torch.device) -> float:
+def time_generate(generate: GenerateFn, input_ids: torch.Tensor, n: int, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -59,9 +60,9 @@ def _timed(generate: GenerateFn, input_ids: torch.Tensor, n: int, device: torch.
 def measure_once(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int,
                  device: torch.device) -> tuple[GenerationSample, str]:
     """One TTFT call and one full call; peak memory over the full call."""
-    ttft = _timed(generate, input_ids, 1, device)
+    ttft = time_generate(generate, input_ids, 1, device)
     with PeakMemory(device) as mem:
-        latency = _timed(generate, input_ids, new_tokens, device)
+        latency = time_generate(generate, input_ids, new_tokens, device)
     return GenerationSample(ttft, latency, mem.peak_mb), mem.kind
 
 
@@ -79,13 +80,27 @@ def summarize(samples: list[GenerationSample], new_tokens: int, memory_kind: str
 
 
 def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
-                       warmup: int = 1, repeats: int = 5) -> GenerationMeasurement:
-    """Warm up, then `repeats` measurements of one variant; medians."""
+                       warmup: int = 1, repeats: int = 5,
+                       forward: Callable[..., object] | None = None) -> GenerationMeasurement:
+    """Warm up, then `repeats` measurements of one variant; medians. With `forward`, also the KV-cache size."""
     for _ in range(warmup):  # both call shapes, so that neither pays first-call costs when timed
-        _timed(generate, input_ids, 1, device)
-        _timed(generate, input_ids, new_tokens, device)
+        time_generate(generate, input_ids, 1, device)
+        time_generate(generate, input_ids, new_tokens, device)
     samples, kind = [], "unavailable"
     for _ in range(repeats):
         sample, kind = measure_once(generate, input_ids, new_tokens, device)
         samples.append(sample)
-    return summarize(samples, new_tokens, kind)
+    result = summarize(samples, new_tokens, kind)
+    if forward is not None:
+        result.kv_cache_mb = prefill_kv_cache_mb(forward, input_ids)
+    return result
+
+
+def prefill_kv_cache_mb(forward: Callable[..., object], input_ids: torch.Tensor) -> float | None:
+    """KV-cache size after prefilling `input_ids` through `forward` (a model or a policy handle), in MiB.
+
+    Measured on the cache object itself, so techniques that keep fewer tokens in some layers show it."""
+    with torch.inference_mode():
+        out = forward(input_ids, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    return None if cache is None else cache_nbytes(cache) / 2**20

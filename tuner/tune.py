@@ -83,6 +83,7 @@ def _measured_dict(m: GenerationMeasurement, quality: float, metric: str) -> dic
     return {"ttft_ms": round(m.ttft_ms, 4), "latency_ms": round(m.latency_ms, 4),
             "tokens_per_s": round(m.tokens_per_s, 4),
             "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 3),
+            "kv_cache_mb": None if m.kv_cache_mb is None else round(m.kv_cache_mb, 4),
             "quality": round(quality, 4), "quality_metric": metric}
 
 
@@ -138,7 +139,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     input_ids = timing_input_ids(tokenizer, cfg.workload.prompt_tokens, torch_device(device))
     with apply_policy(model, None) as dense:
         baseline = measure_generation(dense.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
-                                      repeats=cfg.repeats)
+                                      repeats=cfg.repeats, forward=dense)
     say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
 
     study_name = cfg.study_name or f"{model_slug(loaded.model_id)}--{device.id}--{'+'.join(cfg.techniques)}"
@@ -168,7 +169,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                 objective_value = float(predicted)  # type: ignore[arg-type]
             else:
                 measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
-                                              torch_device(device), repeats=cfg.repeats)
+                                              torch_device(device), repeats=cfg.repeats, forward=tuned)
                 attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric)
                 attrs["latency_source"] = "measured"
                 objective_value = getattr(measured, cfg.objective)
@@ -277,7 +278,9 @@ def _save_trials(trials: list[Any], directions: list[Any], artefacts: Path, cfg:
                "latency_source": t.user_attrs.get("latency_source"),
                "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
                "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
-               "error": t.user_attrs.get("autotune:error"), "params": json.dumps(t.params, sort_keys=True)}
+               "kv_cache_mb": measured.get("kv_cache_mb"), "error": t.user_attrs.get("autotune:error"),
+               "params": json.dumps(t.params, sort_keys=True),
+               "sections": json.dumps(t.user_attrs.get("sections"), sort_keys=True)}
         # The objective columns hold the study's values (measured, or predicted where timing was skipped).
         row[cfg.objective] = t.values[0] if t.values else None
         row[cfg.quality_metric] = t.values[1] if t.values else None
