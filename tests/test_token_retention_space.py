@@ -1,0 +1,94 @@
+"""Token-retention search space: schedule families, paper presets, sections the runtime accepts, cost model."""
+
+from __future__ import annotations
+
+import statistics
+
+import optuna
+import pandas as pd
+import pytest
+
+from policies.registry import get_runtime
+from search_spaces import SearchContext, get_search_space
+from search_spaces.token_retention import (
+    prd_cosine_schedule,
+    stage_boundaries,
+    stages_schedule,
+    step_schedule,
+)
+
+PATH = "techniques.token_retention"
+
+
+def _ctx(n_layers: int, curves: pd.DataFrame | None = None, **extras) -> SearchContext:
+    return SearchContext(model_fingerprint={"num_layers": n_layers}, workload={"prompt_tokens": 1024, "new_tokens": 8},
+                         device={}, curves=curves, extras=dict(extras))
+
+
+def test_pmod_preset_reproduces_the_published_schedule():
+    keep = prd_cosine_schedule(32, alpha=0.5, hi=0.85, lo=0.15)
+    assert keep[:8] == [1.0] * 8 and keep[8] == pytest.approx(0.844, abs=1e-3)
+    assert keep[23] == pytest.approx(0.156, abs=1e-3) and keep[24:] == [0.15] * 8
+    assert statistics.mean(keep) == pytest.approx(0.538, abs=1e-3)  # p-MoD: ~53.8% of the KV cache
+
+
+def test_pyramiddrop_and_fastv_presets_at_32_layers():
+    assert stage_boundaries(32, 3) == [8, 16, 24]
+    keep = stages_schedule(32, 3, 0.5)
+    assert keep[7] == 1.0 and keep[8] == 0.5 and keep[16] == 0.25 and keep[24] == 0.125
+    assert step_schedule(32, 2, 0.5) == [1.0, 1.0] + [0.5] * 30
+
+
+@pytest.mark.parametrize("n_layers", [2, 6, 32])
+def test_presets_are_valid_sections_scaled_to_depth(n_layers):
+    space, runtime = get_search_space("token_retention"), get_runtime("token_retention")
+    presets = space.presets(_ctx(n_layers))
+    assert [p.name for p in presets] == ["fastv", "pmod", "pyramiddrop"]
+    for preset in presets:
+        assert len(preset.section["keep"]) == n_layers
+        assert runtime.validate(preset.section, PATH) == []
+
+
+def test_every_sampled_section_is_monotone_and_valid():
+    space, runtime = get_search_space("token_retention"), get_runtime("token_retention")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(200):
+        trial = study.ask()
+        section = space.suggest(trial, _ctx(6))
+        keep = section["keep"]
+        assert keep[0] == 1.0 and all(a >= b for a, b in zip(keep, keep[1:], strict=False))
+        assert runtime.validate(section, PATH) == []
+        study.tell(trial, 0.0)
+    assert {t.params["token_retention.family"] for t in study.trials} == {"step", "stages", "prd_cosine", "sigmoid",
+                                                                          "free"}
+
+
+def _linear_curves(n_layers: int) -> pd.DataFrame:
+    rows = []
+    for n in (64, 256, 512, 1024):
+        for layer in range(n_layers):
+            rows.append({"mode": "prefill", "part": "decoder_layer", "layer_index": layer, "n_query_tokens": n,
+                         "n_kv_tokens": n, "latency_ms": 0.01 * n, "memory_mb": 0.0})
+            rows.append({"mode": "decode", "part": "decoder_layer", "layer_index": layer, "n_query_tokens": 1,
+                         "n_kv_tokens": n, "latency_ms": 0.1 + 0.0001 * n, "memory_mb": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_cost_model_is_calibrated_on_dense_and_monotone_in_tokens():
+    space = get_search_space("token_retention")
+    ctx = _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={"ttft_ms": 50.0})
+    dense = {"keep": [1.0] * 4, "scorer": "attention", "window": 8, "sinks": 4}
+    assert space.predict_ms(dense, ctx) == pytest.approx(50.0)  # the offset makes dense exact
+    half = dict(dense, keep=[1.0, 0.5, 0.5, 0.5])
+    quarter = dict(dense, keep=[1.0, 0.25, 0.25, 0.25])
+    # 3 layers x 512 fewer tokens x 0.01 ms/token saved, then 256 more.
+    assert space.predict_ms(half, ctx) == pytest.approx(50.0 - 3 * 5.12, abs=1e-6)
+    assert space.predict_ms(quarter, ctx) < space.predict_ms(half, ctx)
+
+
+def test_cost_model_adds_decode_for_end_to_end_latency():
+    space = get_search_space("token_retention")
+    section = {"keep": [1.0, 0.5, 0.5, 0.5], "scorer": "attention", "window": 8, "sinks": 4}
+    ttft = space.predict_ms(section, _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={}))
+    e2e = space.predict_ms(section, _ctx(4, _linear_curves(4), objective="latency_ms", baseline={}))
+    assert e2e > ttft
