@@ -12,7 +12,11 @@ profile states how faithful it is:
 
 * ``fidelity = sum(parts) / unhooked forward`` (what the parts miss: rotary, masks, Python glue,
   reported as ``other_ms``);
-* ``hook_overhead_pct = (hooked - unhooked) / unhooked * 100``.
+* ``hook_overhead_pct = (hooked - unhooked) / unhooked * 100``;
+* ``fidelity_paired``: the median over hooked runs of *that run's* sum of parts, over the unhooked
+  median.  On a quiet machine it equals ``fidelity``; under CPU contention per-part medians (which do
+  not add) drift apart from the whole-forward median and only the paired figure stays meaningful, and
+  ``noise_pct`` (IQR / median of the unhooked runs) says how busy the machine was.
 
 Memory is measured in one extra hooked run so that the timed runs carry nothing but the timers: on CUDA
 the peak allocated during each part above what was allocated before it; on CPU (where torch has no
@@ -120,6 +124,8 @@ class ModelProfile:
     hook_overhead_pct: float
     other_ms: float
     noise_pct: float = 0.0
+    parts_sum_median_ms: float = math.nan
+    fidelity_paired: float = math.nan
     unhooked_samples_ms: list[float] = field(default_factory=list)
     hooked_samples_ms: list[float] = field(default_factory=list)
 
@@ -147,6 +153,8 @@ class ModelProfile:
             "hook_overhead_pct": self.hook_overhead_pct,
             "other_ms": self.other_ms,
             "noise_pct": self.noise_pct,
+            "parts_sum_median_ms": self.parts_sum_median_ms,
+            "fidelity_paired": self.fidelity_paired,
             "n_tokens": self.n_tokens,
             "n_query_tokens": self.n_query_tokens,
             "n_kv_tokens": self.n_kv_tokens,
@@ -489,6 +497,11 @@ def profile_model(
             )
         )
     total = sum(r.latency_ms for r in records)
+    # Medians do not add: under CPU contention each part's median is its uncontended time while every
+    # whole forward has some contended parts, so sum-of-medians / median-forward drifts below 1 even
+    # though the hooks see everything.  The paired figure (median over hooked runs of that run's sum of
+    # parts) compares like with like and separates "hooks miss time" from "the machine was busy".
+    parts_sum_median = statistics.median(sum(per_part[i][r] for i in range(len(parts))) for r in range(repeats))
     unhooked_ms = statistics.median(unhooked)
     hooked_ms = statistics.median(hooked)
     first_param = next(model.parameters(), None)
@@ -514,6 +527,8 @@ def profile_model(
         hook_overhead_pct=(hooked_ms - unhooked_ms) / unhooked_ms * 100.0 if unhooked_ms > 0 else math.nan,
         other_ms=unhooked_ms - total,
         noise_pct=_spread_pct(unhooked),
+        parts_sum_median_ms=parts_sum_median,
+        fidelity_paired=parts_sum_median / unhooked_ms if unhooked_ms > 0 else math.nan,
         unhooked_samples_ms=unhooked,
         hooked_samples_ms=hooked,
     )

@@ -232,7 +232,10 @@ def test_profile_rejects_bad_arguments(llama: nn.Module) -> None:
 
 def test_fidelity_sum_of_parts_matches_unhooked_forward() -> None:
     """Hidden 256, 4 layers, 512 tokens: each layer takes milliseconds, so the parts must add up to the
-    un-hooked forward.  The CPU here is shared; take the best of three attempts at 15%."""
+    un-hooked forward.  The CPU here may be shared: the paired figure (per-run sums) must always be
+    within 15%; the sum-of-medians ``fidelity`` within 15% in the best of three attempts, unless every
+    attempt was visibly contended (sum of medians and median of sums disagree), which is then a skip
+    that says so rather than a false failure."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=256,
@@ -243,15 +246,18 @@ def test_fidelity_sum_of_parts_matches_unhooked_forward() -> None:
         vocab_size=2048,
     )
     model = LlamaForCausalLM(cfg).eval()
-    results = []
+    attempts = []
     for _ in range(3):
         prof = profile_model(model, "cpu", mode="prefill", n_tokens=512, warmup=2, repeats=9)
         assert min(r.latency_ms for r in prof.layers[1:-2]) >= 0.5
-        results.append((abs(prof.fidelity - 1.0), prof.fidelity, prof.hook_overhead_pct))
+        assert abs(prof.fidelity_paired - 1.0) <= 0.15, f"paired fidelity {prof.fidelity_paired:.3f}"
+        contended = abs(prof.total_latency_ms / prof.parts_sum_median_ms - 1.0) > 0.10
+        attempts.append((round(prof.fidelity, 3), round(prof.fidelity_paired, 3), contended))
         if abs(prof.fidelity - 1.0) <= 0.15:
-            break
-    best = min(results)
-    assert best[0] <= 0.15, f"fidelity attempts (|f-1|, f, overhead%): {results}"
+            return
+    if all(c for _, _, c in attempts):
+        pytest.skip(f"CPU contended in every attempt (fidelity, paired, contended): {attempts}")
+    raise AssertionError(f"fidelity out of 15% (fidelity, paired, contended): {attempts}")
 
 
 # --------------------------------------------------------------------------------------------------
