@@ -1,10 +1,10 @@
 """Token retention end to end: tune a per-device policy, then bench it against dense and the paper presets.
 
-The claim under test (issue "Token-retention schedules"): on `builtin:tiny`, retrieval prompts of >= 2k
+The claim under test (issue "Token-retention schedules"): on `builtin:tiny`, retrieval (needle) prompts of >= 2k
 tokens, the tuned policy's TTFT is >= 1.8x faster than dense with <= 1 point accuracy loss, and at equal
 or better accuracy >= 1.15x faster than the best of the FastV / p-MoD / PyramidDrop presets.
 
-1. `tune`: objective TTFT, quality = exact-match accuracy on `retrieval-2k` (budget 1 point), the three
+1. `tune`: objective TTFT, quality = exact-match accuracy on `needle-2k` (budget 1 point), the three
    presets enqueued first, the rest sampled by TPE; the cost model's error on every measured trial.
 2. `bench`: dense, the tuned policy and the presets in one process, interleaved repeats, medians, with
    accuracy on a held-out seed (not the tuning examples) and the KV-cache size after prefill.
@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:tiny")
     ap.add_argument("--budget", type=int, default=30)
-    ap.add_argument("--examples", type=int, default=40, help="retrieval-2k examples scored per variant")
+    ap.add_argument("--examples", type=int, default=40, help="needle-2k examples scored per variant")
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
@@ -43,14 +43,14 @@ def main() -> None:
     args = ap.parse_args()
 
     workload = Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
-    tune_quality = QualityConfig(tasks=("retrieval-2k",), examples_per_task=args.examples, free_text_samples=0,
+    tune_quality = QualityConfig(tasks=("needle-2k",), examples_per_task=args.examples, free_text_samples=0,
                                  seed=1234)
     result = tune(TuneConfig(model=args.model, techniques=("token_retention",), budget=args.budget,
                              quality_budget=1.0, quality_metric="accuracy", objective="ttft_ms",
                              out_dir=Path(args.out), sampler=args.sampler, workload=workload, quality=tune_quality,
                              repeats=3), log=lambda m: print(m, file=sys.stderr, flush=True))
     policy = load_policy_file(result.policy_path)
-    held_out = QualityConfig(tasks=("retrieval-2k",), examples_per_task=args.examples, free_text_samples=0,
+    held_out = QualityConfig(tasks=("needle-2k",), examples_per_task=args.examples, free_text_samples=0,
                              seed=98765)
     doc = run_bench(args.model, policy, workload=workload, repeats=args.repeats, quality=held_out,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -59,7 +59,7 @@ def main() -> None:
           f"{dt.date.today().isoformat()}\n")
     print(f"Command: `{shlex.join(['python', *sys.argv])}`; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats (medians); accuracy on "
-          f"{args.examples} held-out retrieval-2k examples.\n")
+          f"{args.examples} held-out needle-2k examples.\n")
     print("| variant | keep schedule | TTFT ms | TTFT speed-up | latency ms | KV cache MiB | accuracy |")
     print("|---|---|---:|---:|---:|---:|---:|")
     sections = {"policy": policy.techniques.get("token_retention", {})}

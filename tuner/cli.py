@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "else the CPU)")
 
     def quality_opts(p: argparse.ArgumentParser, examples: int) -> None:
-        p.add_argument("--tasks", default="retrieval,pattern", help="built-in tasks scored for quality")
+        p.add_argument("--tasks", default="needle,pattern", help="built-in tasks scored for quality")
         p.add_argument("--examples", type=int, default=examples, help="examples per task")
 
     p = add("devices", cmd_devices, "List this machine's devices with their fingerprints and ids.")

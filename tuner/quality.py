@@ -35,7 +35,7 @@ PREFIX_POINTS = 8
 class QualityConfig:
     """What to evaluate: which tasks, how many examples, how much free text."""
 
-    tasks: tuple[str, ...] = ("retrieval", "pattern")
+    tasks: tuple[str, ...] = ("needle", "pattern")
     examples_per_task: int = 20
     free_text_samples: int = 4
     free_text_chars: int = 1200

@@ -67,6 +67,14 @@ NOUNS = (
     "willow wolf zebra"
 ).split()
 COLORS = "red green blue black white pink gray gold cyan brown".split()
+#: Needle answers: words that the built-in tokenizer encodes as one token after a space.
+NEEDLE_WORDS = (
+    "apple badger bear birch canyon cedar cliff cloud comet crane creek daisy dolphin dragon eagle falcon "
+    "fern finch forest fox garden glacier harbor hawk heron island jaguar lake lantern lemon lion maple "
+    "meadow moon mountain oak ocean otter owl panda pebble pine planet pond rabbit raven river robin "
+    "rocket sparrow star stone summit thunder tiger tulip valley violet walrus whale willow wolf zebra "
+    "green red red green blue black white pink gray gold cyan brown"
+).split()
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,15 @@ class Example:
     prompt: str
     answer: str
     task: str
+
+
+@dataclass(frozen=True)
+class CopySpan:
+    """``text[dst : dst + length]`` repeats ``text[src : src + length]`` (training: where to look)."""
+
+    dst: int
+    src: int
+    length: int
 
 
 def _first_line(text: str) -> str:
@@ -171,14 +188,25 @@ class RetrievalTask(Task):
         key, value = doc.pairs[doc.queries[0]]
         return Example(self.table_text(doc) + self.query_text(key), " " + value, self.name)
 
-    def training_text(self, rng: random.Random, n_pairs: int, n_queries: int) -> str:
-        """One training document: the table, then ``n_queries`` answered questions (distinct keys)."""
+    def training_doc(self, rng: random.Random, n_pairs: int, n_queries: int) -> tuple[str, list[CopySpan]]:
+        """One training document (the table, then ``n_queries`` answered questions on distinct keys) and
+        its copy spans: each answer ``" 1234"`` is a copy of the value in its table line."""
         doc = self.doc(rng, n_pairs=n_pairs, n_queries=n_queries)
-        parts = [self.table_text(doc)]
+        text = self.HEADER
+        value_at = {}
+        for k, v in doc.pairs:
+            value_at[k] = len(text) + len(k) + 2  # the space before the value
+            text += f"{k} = {v}\n"
+        spans = []
         for q in doc.queries:
             key, value = doc.pairs[q]
-            parts.append(self.query_text(key) + f" {value}\n")
-        return "".join(parts)
+            text += self.query_text(key)
+            spans.append(CopySpan(len(text), value_at[key], len(value) + 1))
+            text += f" {value}\n"
+        return text, spans
+
+    def training_text(self, rng: random.Random, n_pairs: int, n_queries: int) -> str:
+        return self.training_doc(rng, n_pairs, n_queries)[0]
 
 
 # --------------------------------------------------------------------------------------------- pattern
@@ -193,40 +221,62 @@ class PatternTask(Task):
     max_new_tokens: int = 24
     kinds: tuple[str, ...] = ("copy", "next", "cycle")
 
-    def example(self, rng: random.Random) -> Example:
+    def _draw(self, rng: random.Random) -> tuple[str, list[str], list[str], list[int | None]]:
+        """(kind, shown items, answer items, source item index of each answer item or None)."""
         kind = self.kinds[rng.randrange(len(self.kinds))]
-        prompt, answer = getattr(self, f"_{kind}")(rng)
-        return Example(f"{kind}: {prompt} |", " " + answer, self.name)
+        shown, answer, sources = getattr(self, f"_{kind}")(rng)
+        return kind, shown, answer, sources
+
+    def example(self, rng: random.Random) -> Example:
+        kind, shown, answer, _ = self._draw(rng)
+        return Example(f"{kind}: {' '.join(shown)} |", " " + " ".join(answer), self.name)
 
     @staticmethod
-    def _copy(rng: random.Random) -> tuple[str, str]:
+    def _copy(rng: random.Random):
         n = rng.randint(3, 8)
         if rng.random() < 0.5:
             items = [str(rng.randrange(10)) for _ in range(n)]
         else:
             items = [rng.choice(NOUNS) for _ in range(n)]
-        text = " ".join(items)
-        return text, text
+        return items, list(items), list(range(n))
 
     @staticmethod
-    def _next(rng: random.Random) -> tuple[str, str]:
+    def _next(rng: random.Random):
         start, step = rng.randint(0, 99), rng.randint(1, 9)
         n_shown = rng.randint(3, 5)
-        seq = [start + i * step for i in range(n_shown + 3)]
-        return " ".join(map(str, seq[:n_shown])), " ".join(map(str, seq[n_shown:]))
+        seq = [str(start + i * step) for i in range(n_shown + 3)]
+        return seq[:n_shown], seq[n_shown:], [None] * 3
 
     @staticmethod
-    def _cycle(rng: random.Random) -> tuple[str, str]:
+    def _cycle(rng: random.Random):
         period = rng.randint(2, 4)
         vocab = COLORS if rng.random() < 0.5 else NOUNS
         unit = rng.sample(vocab, period)
         n_shown = rng.randint(2 * period, 3 * period)
         seq = [unit[i % period] for i in range(n_shown + 4)]
-        return " ".join(seq[:n_shown]), " ".join(seq[n_shown:])
+        return seq[:n_shown], seq[n_shown:], [n_shown + i - period for i in range(4)]
+
+    def training_doc(self, rng: random.Random, n_examples: int) -> tuple[str, list[CopySpan]]:
+        """Several answered examples, one per line, and the copy spans of copied answer items."""
+        text, spans = "", []
+        for _ in range(n_examples):
+            kind, shown, answer, sources = self._draw(rng)
+            starts = []  # char index of the space before each item (prompt items, then answer items)
+            text += f"{kind}:"
+            for item in shown:
+                starts.append(len(text))
+                text += f" {item}"
+            text += " |"
+            for item, src in zip(answer, sources, strict=True):
+                starts.append(len(text))
+                if src is not None:
+                    spans.append(CopySpan(len(text), starts[src], len(item) + 1))
+                text += f" {item}"
+            text += "\n"
+        return text, spans
 
     def training_text(self, rng: random.Random, n_examples: int) -> str:
-        """Several answered examples, one per line."""
-        return "".join(f"{e.prompt}{e.answer}\n" for e in (self.example(rng) for _ in range(n_examples)))
+        return self.training_doc(rng, n_examples)[0]
 
 
 # --------------------------------------------------------------------------------------------- code
@@ -277,9 +327,19 @@ def read_source(path: Path) -> str | None:
     return text.replace("\r\n", "\n")
 
 
-def _code_window(rng: random.Random, n_chars: int) -> tuple[str, str]:
-    """A window of held-out code starting at a line start: (text of about n_chars chars, following text)."""
-    files = stdlib_files("heldout")
+_TOKEN_PIECES = re.compile(r"\d|[A-Za-z_]+|[ \t]+|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free token estimate (digits, words, whitespace runs, punctuation count one each), used to
+    size haystacks by tokens rather than characters (indentation-heavy code has far fewer tokens/char)."""
+    return len(_TOKEN_PIECES.findall(text))
+
+
+def _code_window(rng: random.Random, n_chars: int, split: str = "heldout") -> tuple[str, str]:
+    """A window of code (held-out files unless `split` says otherwise) starting at a line start: (text of
+    about n_chars chars, following text)."""
+    files = stdlib_files(split)
     for _ in range(100):
         _, path = files[rng.randrange(len(files))]
         text = read_source(path)
@@ -326,6 +386,47 @@ class CodeTask(Task):
             return Example(prompt, lines[0], self.name)
 
 
+@dataclass(repr=False)
+class NeedleTask(Task):
+    """Needle lookup (passkey retrieval): one line ``# the secret word is <word>.`` hidden at a random depth
+    of a long haystack of held-out stdlib code, then a question whose answer is that word.
+
+    The answer is in exactly one line of a >= 1k-token prompt, so a technique that drops that line loses
+    it; it is the long-context task the built-in models learn reliably (a fixed marker phrase, one copied
+    word), where the key/value table needs a longer training run than fits this project's budget.
+    ``n_tokens`` sets the haystack length in estimated tokens (:func:`estimate_tokens`; code density varies
+    too much for a character budget): 1400 gives ~1.1-1.9k-token prompts with the built-in tokenizer, 2550
+    ~2.0-3.0k.
+    """
+
+    name: str = "needle"
+    n_tokens: int = 1400
+    description: str = "long-context needle lookup: find the secret word hidden in ~1.2k tokens of code"
+    max_new_tokens: int = 6
+    split: str = "heldout"
+
+    QUESTION = "\n# Question: what is the secret word?\n# Answer: the secret word is"
+
+    def haystack(self, rng: random.Random) -> str:
+        lines: list[str] = []
+        total = 0
+        while total < self.n_tokens:
+            window, _ = _code_window(rng, 6 * self.n_tokens, split=self.split)
+            for line in window.split("\n"):
+                lines.append(line)
+                total += estimate_tokens(line) + 1
+                if total >= self.n_tokens:
+                    break
+        return "\n".join(lines) + "\n"
+
+    def example(self, rng: random.Random) -> Example:
+        word = rng.choice(NEEDLE_WORDS)
+        lines = self.haystack(rng).split("\n")
+        at = rng.randint(int(0.05 * len(lines)), int(0.9 * len(lines)))
+        lines.insert(at, f"# the secret word is {word}.")
+        return Example("\n".join(lines).rstrip("\n") + self.QUESTION, f" {word}.", self.name)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {
@@ -335,6 +436,9 @@ TASKS: dict[str, Task] = {
         n_pairs=(205, 240),
         description="long-context key/value lookup with ~2k-token prompts",
     ),
+    "needle": NeedleTask(),
+    "needle-2k": NeedleTask(name="needle-2k", n_tokens=2550,
+                            description="long-context needle lookup with ~2.1k-token prompts"),
     "pattern": PatternTask(),
     "code": CodeTask(),
 }

@@ -1,14 +1,14 @@
 """Built-in models: small Hugging Face checkpoints shipped with the package (``--model builtin:NAME``).
 
 ``builtin:tiny`` is a 6-layer Llama (GQA, tied embeddings, ~4.9M parameters) with its own byte-level BPE
-tokenizer, trained by ``python -m tuner.builtin.train tiny`` on the built-in tasks (:mod:`tuner.tasks`)
-and the local Python standard-library source.  It is good at the built-in tasks and big enough that
+tokenizer (``tuner.builtin.tokenizer``), trained by ``python -m tuner.builtin.train_tiny OUT`` on the
+built-in tasks (:mod:`tuner.tasks`: needle lookup, pattern) and the local Python standard-library source.  It is good at the built-in tasks and big enough that
 a 1k-token prefill takes tens of milliseconds on a CPU, so techniques have real work to skip.
 
 The weights are committed (``checkpoints/tiny/``, fp32, ~20 MB) rather than trained on first use:
-training takes ~40 minutes on 2 CPU cores, far over the few-minute first-use budget, and CI (90 min)
-must not spend half its time training.  ``checkpoints/tiny/train_meta.json`` records the recipe, the
-Python/stdlib it was trained on, the wall time and the accuracies measured at the end of training.
+training takes ~15 minutes of a quiet 2-core CPU (and much longer on a busy one), over the few-minute
+first-use budget, and CI must not spend its time training. ``checkpoints/tiny/train_meta.json`` records the
+recipe, the wall time and the accuracies measured on the committed weights.
 
 Adding a model (``tiny-draft``, ``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe in
 ``tuner/builtin/train.py``.  This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
@@ -42,6 +42,7 @@ class BuiltinModel:
     description: str
     kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM); later e.g. "masked-diffusion"
     train_recipe: str = ""  # key of tuner.builtin.train.RECIPES; `python -m tuner.builtin.train NAME`
+    train_module: str = "tuner.builtin.train"  # the module whose main() trains it
     tasks: tuple[str, ...] = ()  # built-in tasks (tuner.tasks) it is trained for
 
     @property
@@ -54,6 +55,8 @@ class BuiltinModel:
 
     @property
     def train_command(self) -> str:
+        if self.train_module != "tuner.builtin.train":
+            return f"python -m {self.train_module} OUT_DIR"
         return f"python -m tuner.builtin.train {self.train_recipe or self.name}"
 
 
@@ -62,11 +65,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         name="tiny",
         description=(
             "6-layer Llama (hidden 256, 4 heads / 2 KV heads, vocab 2048, ~4.9M params) trained on the "
-            "built-in tasks (retrieval, pattern) and Python stdlib code"
+            "built-in tasks (needle lookup, pattern) and Python stdlib code"
         ),
         kind="causal-lm",
         train_recipe="tiny",
-        tasks=("retrieval", "retrieval-2k", "pattern", "code"),
+        train_module="tuner.builtin.train_tiny",
+        tasks=("needle", "needle-2k", "pattern", "code"),
     ),
 }
 

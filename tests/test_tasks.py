@@ -1,0 +1,152 @@
+"""Built-in tasks: determinism, shapes, scoring, held-out code split."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from tuner import tasks
+from tuner.tasks import Example, RetrievalTask, get_task
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tuner.builtin import builtin_checkpoint
+
+    return AutoTokenizer.from_pretrained(str(builtin_checkpoint("tiny")))
+
+
+def test_registry_names_and_unknown():
+    assert {"retrieval", "retrieval-2k", "pattern", "code"} <= set(tasks.TASKS)
+    for name in tasks.list_tasks():
+        task = get_task(name)
+        assert task.name == name
+        assert task.description and task.max_new_tokens > 0
+    with pytest.raises(ValueError) as err:
+        get_task("nope")
+    msg = str(err.value)
+    assert "\n" not in msg and "retrieval" in msg and "pattern" in msg
+
+
+@pytest.mark.parametrize("name", ["needle", "needle-2k", "retrieval", "retrieval-2k", "pattern", "code"])
+def test_examples_deterministic_by_seed(name):
+    task = get_task(name)
+    a, b, c = task.examples(5, seed=0), task.examples(5, seed=0), task.examples(5, seed=1)
+    assert a == b
+    assert a != c
+    assert len(a) == 5 and all(isinstance(e, Example) and e.task == name for e in a)
+    assert all(e.prompt and e.answer.strip() for e in a)
+    assert task.examples(3, seed=0) == a[:3]  # a prefix of the same stream
+    assert task.examples(0, seed=0) == []
+
+
+def test_needle_answer_in_exactly_one_line():
+    for name in ("needle", "needle-2k"):
+        for ex in get_task(name).examples(10, seed=3):
+            word = ex.answer.strip().removesuffix(".")
+            assert ex.answer == f" {word}." and word in tasks.NEEDLE_WORDS
+            hits = [ln for ln in ex.prompt.split("\n") if ln.startswith("# the secret word is ")]
+            assert hits == [f"# the secret word is {word}."]
+            assert ex.prompt.endswith("# Answer: the secret word is")
+
+
+def test_needle_words_are_single_tokens(tokenizer):
+    for word in tasks.NEEDLE_WORDS:
+        assert len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_retrieval_answer_in_exactly_one_line():
+    for ex in get_task("retrieval").examples(20, seed=3):
+        table, query = ex.prompt.rsplit("\n# ", 1)
+        key = query.rsplit("\n", 1)[1].removesuffix(" =")
+        assert ex.prompt.endswith(f"\n{key} =")
+        assert re.fullmatch(r" \d{4}", ex.answer)
+        lines = table.split("\n")
+        hits = [ln for ln in lines if ln.startswith(f"{key} = ")]
+        assert hits == [f"{key} ={ex.answer}"]
+        assert sum(ln.endswith(ex.answer) for ln in lines) >= 1
+        keys = [ln.split(" = ")[0] for ln in lines[1:] if ln]
+        assert len(keys) == len(set(keys)) >= 105
+
+
+def test_retrieval_length_knob():
+    short = RetrievalTask(n_pairs=10).examples(2, seed=0)
+    assert all(ex.prompt.count(" = ") == 10 for ex in short)
+    long = RetrievalTask(n_pairs=(300, 320)).examples(2, seed=0)
+    assert all(300 <= ex.prompt.count(" = ") <= 320 for ex in long)
+    with pytest.raises(ValueError):
+        RetrievalTask(n_pairs=0)
+    with pytest.raises(ValueError):
+        RetrievalTask(n_pairs=(50, 10))
+
+
+def test_retrieval_prompt_token_lengths(tokenizer):
+    lens = [len(tokenizer(e.prompt)["input_ids"]) for e in get_task("retrieval").examples(50, seed=0)]
+    assert min(lens) >= 1000 and max(lens) <= 1600
+    lens2 = [len(tokenizer(e.prompt)["input_ids"]) for e in get_task("retrieval-2k").examples(20, seed=0)]
+    assert min(lens2) >= 2000 and max(lens2) <= 2600
+
+
+def test_pattern_answers_follow_the_pattern():
+    for ex in get_task("pattern").examples(60, seed=5):
+        kind, rest = ex.prompt.split(": ", 1)
+        shown = rest.removesuffix(" |").split()
+        ans = ex.answer.split()
+        assert ex.prompt.endswith(" |") and ex.answer.startswith(" ")
+        if kind == "copy":
+            assert ans == shown
+        elif kind == "next":
+            step = int(shown[1]) - int(shown[0])
+            seq = [int(x) for x in shown + ans]
+            assert all(b - a == step for a, b in zip(seq[:-1], seq[1:], strict=True))
+        else:
+            assert kind == "cycle"
+            seq = shown + ans
+            period = len(set(shown))
+            assert all(seq[i] == seq[i % period] for i in range(len(seq)))
+
+
+def test_score_exact_match_up_to_newline():
+    task = get_task("retrieval")
+    assert task.score(" 1234", " 1234") == 1.0
+    assert task.score(" 1234\nfoo = 99", " 1234") == 1.0
+    assert task.score("1234  ", " 1234") == 1.0
+    assert task.score(" 1235", " 1234") == 0.0
+    assert task.score(" 12345", " 1234") == 0.0
+    assert task.score("", " 1234") == 0.0
+
+
+def test_code_split_and_samples():
+    held = tasks.stdlib_files("heldout")
+    train = tasks.stdlib_files("train")
+    assert held and train
+    assert not {r for r, _ in held} & {r for r, _ in train}
+    assert 0.03 < len(held) / (len(held) + len(train)) < 0.2
+    assert all(tasks.is_heldout(r) for r, _ in held)
+    assert not any(r.startswith("site-packages/") for r, _ in held + train)
+
+    a = tasks.code_samples(4, seed=0, n_chars=800)
+    assert a == tasks.code_samples(4, seed=0, n_chars=800)
+    assert a != tasks.code_samples(4, seed=1, n_chars=800)
+    assert all(200 < len(s) <= 800 and s.endswith("\n") for s in a)
+    held_text = [tasks.read_source(p) or "" for _, p in held]
+    assert all(any(s in t for t in held_text) for s in a)
+
+    ex = get_task("code").examples(3, seed=0)
+    for e in ex:
+        assert e.answer.strip() and "\n" not in e.answer
+        assert e.prompt.endswith("\n")
+
+
+def test_training_text_uses_the_same_generators():
+    rng = random.Random("x")
+    text = RetrievalTask().training_text(rng, n_pairs=20, n_queries=5)
+    assert text.count("# What is the value of this key?") == 5
+    pairs = dict(re.findall(r"^(\w+) = (\d+)$", text, flags=re.M))
+    for key, value in re.findall(r"\?\n(\w+) = (\d+)\n", text):
+        assert pairs[key] == value
+    assert tasks.TRAIN_SEED_OFFSET >= 1000
