@@ -95,11 +95,11 @@ def _greedy_correct(model, tok, task, examples) -> int:
 
 def test_greedy_needle_accuracy_at_1k_and_2k_tokens(tiny):
     model, tok = tiny
-    for name, min_tokens in (("needle", 1000), ("needle-2k", 1900)):
+    for name, min_tokens in (("needle", 1000), ("needle-2k", 2000)):
         task = tasks.get_task(name)
-        examples = task.examples(10, seed=0)
+        examples = task.examples(20, seed=1)
         assert min(len(tok(e.prompt)["input_ids"]) for e in examples) >= min_tokens
-        assert _greedy_correct(model, tok, task, examples) >= 9, name
+        assert _greedy_correct(model, tok, task, examples) >= 18, name  # >= 90% exact match
 
 
 def test_greedy_pattern_accuracy(tiny):
