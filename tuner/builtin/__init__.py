@@ -2,8 +2,9 @@
 
 ``builtin:tiny`` is a 6-layer Llama (GQA, tied embeddings, ~4.9M parameters) with its own byte-level BPE
 tokenizer (``tuner.builtin.tokenizer``), trained by ``python -m tuner.builtin.train_tiny OUT`` on the
-built-in tasks (:mod:`tuner.tasks`: needle lookup, pattern) and the local Python standard-library source.  It is good at the built-in tasks and big enough that
-a 1k-token prefill takes tens of milliseconds on a CPU, so techniques have real work to skip.
+built-in tasks (:mod:`tuner.tasks`: needle lookup, pattern) and the local Python standard-library
+source.  It is good at the built-in tasks and big enough that a 1k-token prefill takes tens of
+milliseconds on a CPU, so techniques have real work to skip.
 
 The weights are committed (``checkpoints/tiny/``, fp32, ~20 MB) rather than trained on first use:
 training takes ~15 minutes of a quiet 2-core CPU (and much longer on a busy one), over the few-minute
