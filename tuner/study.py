@@ -68,6 +68,17 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise StudyConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def _is_journal(storage: str | None) -> bool:
+    return storage is None or storage.startswith("journal:") or storage.endswith(".journal")
+
+
+def check_storage(storage: str | None) -> None:
+    """Reject a --storage value that is neither a journal file nor a database URL (before any work)."""
+    if not _is_journal(storage) and "://" not in str(storage):
+        raise StudyConfigError(f"--storage {storage!r}: expected a journal file (*.journal, journal:PATH) or a "
+                               "database URL such as postgresql://user@host/db")
+
+
 def make_storage(storage: str | None, default_journal: Path) -> tuple[Any, str, Path | None]:
     """Build the Optuna storage. Returns (storage, url-for-provenance, budget-lock-path or None).
 
@@ -78,14 +89,13 @@ def make_storage(storage: str | None, default_journal: Path) -> tuple[Any, str, 
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    if storage is None or storage.startswith("journal:") or storage.endswith(".journal"):
+    check_storage(storage)
+    if _is_journal(storage):
         path = default_journal if storage is None else Path(storage.removeprefix("journal:").removeprefix("//"))
         path.parent.mkdir(parents=True, exist_ok=True)
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
         return JournalStorage(backend), f"journal:{path}", path.with_name(path.name + ".budget.lock")
-    if "://" not in storage:
-        raise StudyConfigError(f"--storage {storage!r}: expected a journal file (*.journal, journal:PATH) or a "
-                               "database URL such as postgresql://user@host/db")
+    assert storage is not None
     if storage.startswith("sqlite"):
         warnings.warn("SQLite storage is not safe for parallel workers ('database is locked'); use the "
                       "default journal file or PostgreSQL", stacklevel=2)

@@ -25,7 +25,16 @@ from search_spaces import SearchContext, SearchSpace, get_search_space
 from tuner.measure import GenerationMeasurement, measure_generation
 from tuner.models import LoadedModel, load_model
 from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
-from tuner.study import TrialOutcome, open_study, pareto_front, run_trials, select_best
+from tuner.study import (
+    StudyConfigError,
+    TrialOutcome,
+    check_storage,
+    make_sampler,
+    open_study,
+    pareto_front,
+    run_trials,
+    select_best,
+)
 from tuner.workload import Workload, timing_input_ids
 
 OBJECTIVES = {"ttft_ms": "minimize", "latency_ms": "minimize", "tokens_per_s": "maximize"}
@@ -76,6 +85,12 @@ def check_config(cfg: TuneConfig) -> list[SearchSpace]:
         raise ValueError(f"--quality-budget must be a finite number >= 0, got {cfg.quality_budget}")
     if cfg.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {cfg.repeats}")
+    if cfg.budget is not None and cfg.budget < 1:
+        raise StudyConfigError(f"--budget must be a positive number of trials, got {cfg.budget}")
+    if cfg.budget is None and cfg.timeout_s is None:
+        raise StudyConfigError("give --budget or --timeout: an unbounded study never ends")
+    make_sampler(cfg.sampler, cfg.seed)
+    check_storage(cfg.storage)
     return [get_search_space(name) for name in cfg.techniques]
 
 
