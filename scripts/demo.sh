@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: install, then profile builtin:tiny on this device, bench it and render a report.
+# The demo: install, then on builtin:tiny and this device: profile, tune a token-retention policy,
+# bench it against dense and the paper presets, generate with it, and render a report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,8 +10,13 @@ set -x
 autotune devices
 autotune models
 autotune profile --model builtin:tiny --tokens 1024 --out "$OUT/profile"
-autotune profile --model builtin:tiny --mode decode --tokens 1024
-autotune bench --model builtin:tiny --prompt-tokens 1024 --new-tokens 16 --repeats 3 --json > "$OUT/bench-dense.json"
+autotune tune --model builtin:tiny --techniques token_retention --objective ttft_ms --prompt-tokens 1024 \
+  --new-tokens 8 --tasks needle --examples 10 --budget 10 --out "$OUT/policies"
+POLICY=$(ls "$OUT"/policies/builtin-tiny/*.yaml | head -n 1)
+autotune validate "$POLICY"
+autotune bench --model builtin:tiny --policy "$POLICY" --tasks needle --examples 10 --repeats 3
+autotune run --model builtin:tiny --policies "$OUT/policies" --prompt "copy: owl fox bear |" --max-new-tokens 8
 autotune report "$OUT/profile"
+autotune report "$OUT/policies"
 set +x
-echo "demo done: $OUT/profile/report.html, $OUT/bench-dense.json"
+echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY"
