@@ -91,9 +91,10 @@ def _free_text_ids(tokenizer: Any, config: QualityConfig) -> list[torch.Tensor]:
 
 
 class QualityHarness:
-    """Evaluates model variants against a dense reference computed once.
+    """Evaluates model variants against a dense reference computed once, when the harness is built (the
+    model must be dense then).
 
-    `reference` runs the dense model; `evaluate` runs any variant given as a `generate` callable (a
+    `reference` returns the dense model's quality; `evaluate` runs any variant given as a `generate` callable (a
     policy handle's generate) and a `forward` callable (teacher-forced logits).
     """
 
@@ -110,6 +111,9 @@ class QualityHarness:
         self._free_text = _free_text_ids(tokenizer, self.config) if self.config.free_text_samples else []
         self._reference: QualityReport | None = None
         self._ref_logprobs: list[torch.Tensor] = []
+        # Computed now, while the model is certainly dense: a lazily computed reference could be taken
+        # with a policy applied and would then silently score every variant against itself.
+        self.reference()
 
     # -- dense reference -------------------------------------------------------------------------
     def _cache_paths(self) -> tuple[Path, Path] | None:
