@@ -75,3 +75,14 @@ def make_policy_dict(
         "created_at": created_at,
     }
     return d
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> Any:
+    """A small random-init Llama (hidden 64, GQA 4/2, vocab 256) in eval mode, deterministic by seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=256)
+    return LlamaForCausalLM(cfg).eval()

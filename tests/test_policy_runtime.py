@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from policies import (
     FunctionHandle,
@@ -22,7 +22,7 @@ from policies import (
     register_runtime,
 )
 from policies.registry import DEFAULT_ORDER, get_runtime, registered_runtimes, unregister_runtime
-from policies.testing import make_policy_dict
+from policies.testing import make_policy_dict, tiny_llama
 
 CALLS: list[str] = []
 
@@ -135,10 +135,7 @@ def _clear_calls():
 
 
 def _tiny(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=256)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, layers)
 
 
 @pytest.fixture(scope="module")

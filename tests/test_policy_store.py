@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import policies.io as policy_io
 from policies import (
@@ -24,7 +24,7 @@ from policies import (
     policy_path,
     save_policy,
 )
-from policies.testing import fake_device, make_policy_dict
+from policies.testing import fake_device, make_policy_dict, tiny_llama
 
 H100_A = fake_device("nvidia-h100-80gb-hbm3", "cuda", "NVIDIA H100 80GB HBM3")
 H100_B = fake_device("nvidia-h100-80gb-hbm3-mig", "cuda", "NVIDIA H100 80GB HBM3")
@@ -34,10 +34,7 @@ XEON = fake_device("cpu-intel-xeon-2t", "cpu", "Intel Xeon")
 
 
 def _tiny(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=256)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, layers)
 
 
 @pytest.fixture(scope="module")
