@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from policies.io import read_policy_dict
 from reports import figures
 
 
@@ -49,7 +50,7 @@ def _profile_section(profile: dict[str, Any], curves: pd.DataFrame | None, fig_d
 
 
 def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
-    doc = yaml.safe_load(policy_file.read_text())
+    doc = read_policy_dict(policy_file)  # a clear one-line PolicyError for a broken file
     stem = f"{policy_file.parent.name}-{policy_file.stem}"
     section = Section(f"Policy {policy_file.parent.name}/{policy_file.name}")
     objective = doc.get("objective", {})
@@ -172,8 +173,14 @@ def write_report(path: Path, out: Path | None = None) -> list[Path]:
         out = (path if path.is_dir() else path.parent) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.with_name(out.stem + "_figures")
+    created = not fig_dir.exists()
     fig_dir.mkdir(exist_ok=True)
-    sections = collect_sections(path, fig_dir)
+    try:
+        sections = collect_sections(path, fig_dir)
+    except Exception:
+        if created and not any(fig_dir.iterdir()):
+            fig_dir.rmdir()  # leave nothing behind for a report that was never written
+        raise
     title = f"autotune report: {path}"
     md_path = out.with_suffix(".md")
     for target, text in ((md_path, render_markdown(title, sections, out.parent)),

@@ -70,6 +70,7 @@ def test_profile_json_contract(capsys, tmp_path):
     (["tune", "--techniques", "norm_scale", "--budget", "0", *FAST_TUNE], "--budget"),
     (["run", "--policy", "/no/such.yaml", "--prompt", "x"], "/no/such.yaml"),
     (["report", "/no/such/dir"], "/no/such/dir"),
+    (["profile", "--tokens", "0"], ">= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, fragment):
     code, out, err = run_cli(capsys, *args, *(["--out", str(tmp_path)] if args[0] == "tune" else []))
@@ -164,3 +165,12 @@ def test_run_refuses_a_policy_for_another_model(capsys, tmp_path):
     other.write_text(yaml.safe_dump(doc))
     code, out, err = run_cli(capsys, "run", "--model", "builtin:tiny", "--policy", str(other), "--prompt", "x")
     assert code == 2 and "num_layers" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_on_a_broken_policy_file_is_a_one_line_input_error(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1\n")
+    code, out, err = run_cli(capsys, "report", str(bad))
+    assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
