@@ -152,6 +152,13 @@ def test_tune_run_bench_report_end_to_end(capsys, tmp_path):
     assert code == 0, err
     assert json.loads(out)["n_trials"] == 4
 
+    # Another workload is another study: its trials are not mixed with the first one's.
+    other = [a if a != "4" else "5" for a in FAST_TUNE]  # --new-tokens 4 -> 5
+    code, out, err = run_cli(capsys, "tune", "--model", "builtin:tiny", "--techniques", "norm_scale",
+                             "--budget", "1", "--out", str(out_dir), "--json", *other)
+    assert code == 0, err
+    assert json.loads(out)["n_trials"] == 1
+
 
 def test_run_refuses_a_policy_for_another_model(capsys, tmp_path):
     out_dir = tmp_path / "store"

@@ -157,7 +157,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                                       repeats=cfg.repeats, forward=dense)
     say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
 
-    study_name = cfg.study_name or f"{model_slug(loaded.model_id)}--{device.id}--{'+'.join(cfg.techniques)}"
+    study_name = cfg.study_name or default_study_name(cfg, loaded.model_id, device.id)
     handle = open_study(study_name, cfg.storage, artefacts / "study.journal", sampler=cfg.sampler, seed=cfg.seed,
                         directions=(OBJECTIVES[cfg.objective],
                                     "maximize" if HIGHER_IS_BETTER[cfg.quality_metric] else "minimize"),
@@ -216,6 +216,21 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
     return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
                       budget_met=met, n_trials=len(trials))
+
+
+def default_study_name(cfg: TuneConfig, model_id: str, device_id: str) -> str:
+    """model--device--techniques--<digest of what the trials are scored on>.
+
+    Trials are only comparable under the same workload, objective and quality settings, so a re-run that
+    changes any of them starts a new study instead of resuming (and mixing into) the old one.
+    """
+    import hashlib
+
+    settings = json.dumps({"workload": cfg.workload.as_dict(), "objective": cfg.objective,
+                           "quality_metric": cfg.quality_metric, "quality_budget": cfg.quality_budget,
+                           "quality": cfg.quality.key(), "repeats": cfg.repeats}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return f"{model_slug(model_id)}--{device_id}--{'+'.join(cfg.techniques)}--{digest}"
 
 
 def _predict(spaces: list[SearchSpace], sections: dict[str, Any], ctx: SearchContext, objective: str) -> float | None:
