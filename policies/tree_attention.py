@@ -1,0 +1,81 @@
+"""Token trees verified in one forward: the attention mask and position ids of a draft tree.
+
+A draft tree is given by `parents`: node i's parent is `parents[i]` (an earlier node), or -1 when the node
+hangs directly off the last verified token. Verifying the whole tree in one forward needs
+- a 4D additive float mask (batch, 1, n_tree, n_past + n_tree): every node sees the whole verified
+  context and exactly its own ancestors and itself, never its siblings or cousins;
+- depth-based position ids: a node at depth d (root children have depth 0) sits at position n_past + d,
+  as it would if its path were decoded as a chain.
+With both, each node's logits equal those of running its path on its own (tested against that).
+Building block of tree speculative decoding (Sequoia / SpecInfer style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def validate_parents(parents: Sequence[int], path: str = "parents") -> list[str]:
+    """Problems of a parent list, each naming its index (a parent must come before its child)."""
+    problems = []
+    for i, p in enumerate(parents):
+        if not isinstance(p, int) or isinstance(p, bool):
+            problems.append(f"{path}[{i}]: must be an integer, got {p!r}")
+        elif p < -1 or p >= i:
+            problems.append(f"{path}[{i}]: parent {p} must be -1 (the root) or an earlier node (< {i})")
+    return problems
+
+
+def _checked(parents: Sequence[int]) -> list[int]:
+    problems = validate_parents(parents)
+    if problems:
+        raise ValueError(problems[0])
+    return list(parents)
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node: 0 for children of the root, parent's depth + 1 otherwise."""
+    depths: list[int] = []
+    for p in _checked(parents):
+        depths.append(0 if p == -1 else depths[p] + 1)
+    return depths
+
+
+def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
+    """Boolean (n, n): entry [i, j] is True when node j is node i or one of its ancestors."""
+    checked = _checked(parents)
+    n = len(checked)
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(checked):
+        visible[i, i] = True
+        if p != -1:
+            visible[i] |= visible[p]
+    return visible
+
+
+def tree_position_ids(parents: Sequence[int], n_past: int, device: torch.device | None = None) -> torch.Tensor:
+    """(1, n_tree) position ids: n_past + depth."""
+    return (torch.tensor(node_depths(parents), device=device) + n_past).unsqueeze(0)
+
+
+def tree_attention_mask(parents: Sequence[int], n_past: int, dtype: torch.dtype = torch.float32,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """(1, 1, n_tree, n_past + n_tree) additive mask: 0 where attention is allowed, dtype-min elsewhere."""
+    visible = ancestor_matrix(parents).to(device)
+    n = visible.shape[0]
+    allowed = torch.cat([torch.ones(n, n_past, dtype=torch.bool, device=device), visible], dim=1)
+    mask = torch.zeros(n, n_past + n, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def path_to(parents: Sequence[int], node: int) -> list[int]:
+    """Node indices from the root's child down to `node`."""
+    checked = _checked(parents)
+    path = []
+    while node != -1:
+        path.append(node)
+        node = checked[node]
+    return path[::-1]
