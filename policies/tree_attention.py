@@ -79,3 +79,40 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
         path.append(node)
         node = checked[node]
     return path[::-1]
+
+
+def accept_greedy(parents: Sequence[int], tree_tokens: torch.Tensor, root_logits: torch.Tensor,
+                  tree_logits: torch.Tensor) -> tuple[list[int], int]:
+    """Greedy verification: the longest root-to-node path whose every token is the target's argmax given
+    what precedes it, plus the bonus token (the target's argmax after the last accepted node).
+
+    `tree_tokens` (n_tree,), `root_logits` (vocab,) are the logits after the verified context,
+    `tree_logits` (n_tree, vocab) those after each node. Returns (accepted node indices, bonus token id).
+    Children are tried in index order, so ties between identical sibling tokens go to the first.
+    """
+    checked = _checked(parents)
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(checked):
+        children.setdefault(p, []).append(i)
+    accepted: list[int] = []
+    current, logits = -1, root_logits
+    while True:
+        want = int(logits.argmax())
+        match = next((c for c in children.get(current, []) if int(tree_tokens[c]) == want), None)
+        if match is None:
+            return accepted, want
+        accepted.append(match)
+        current, logits = match, tree_logits[match]
+
+
+def compact_cache(cache: object, n_past: int, keep_nodes: Sequence[int]) -> None:
+    """Keep the verified context plus the accepted nodes in every layer of a `DynamicCache`, in path order.
+
+    A gather, not a crop: accepted nodes need not be contiguous in the tree's token order.
+    """
+    for layer in getattr(cache, "layers", []):
+        keys, values = layer.keys, layer.values
+        index = torch.cat([torch.arange(n_past, device=keys.device),
+                           torch.as_tensor(list(keep_nodes), dtype=torch.long, device=keys.device) + n_past])
+        layer.keys = keys.index_select(-2, index)
+        layer.values = values.index_select(-2, index)

@@ -7,7 +7,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from policies.tree_attention import (
+    accept_greedy,
     ancestor_matrix,
+    compact_cache,
     node_depths,
     path_to,
     tree_attention_mask,
@@ -68,3 +70,41 @@ def test_one_tree_forward_matches_each_path_run_alone(name):
             alone = model(torch.cat([prefix[0], path])[None]).logits[0, -1]
             worst = max(worst, (alone - tree_logits[node]).abs().max().item())
     assert worst < 1e-4, worst
+
+
+def test_greedy_acceptance_picks_the_matching_path_and_the_bonus():
+    vocab = 10
+    tokens = torch.tensor([3, 4, 5, 6, 7, 8, 9])  # node i carries token tokens[i]
+    root = torch.zeros(vocab)
+    root[4] = 1  # the target wants 4 first: node 1
+    logits = torch.zeros(len(PARENTS), vocab)
+    logits[1, 8] = 1  # after node 1 it wants 8: node 5 (node 4 carries 7)
+    logits[5, 2] = 1  # after node 5 it wants 2: no child -> bonus 2
+    assert accept_greedy(PARENTS, tokens, root, logits) == ([1, 5], 2)
+    root[4], root[0] = 0, 1  # a first token no root child has
+    assert accept_greedy(PARENTS, tokens, root, logits) == ([], 0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compacted_cache_equals_decoding_the_accepted_path(name):
+    model = _model(name)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 128, (1, 10), generator=gen)
+    tree_tokens = torch.randint(0, 128, (1, len(PARENTS)), generator=gen)
+    accepted = path_to(PARENTS, 6)  # nodes 1, 4, 6: not contiguous in tree order
+    nxt = torch.randint(0, 128, (1, 1), generator=gen)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(prefix, past_key_values=cache, use_cache=True)
+        model(tree_tokens, past_key_values=cache, use_cache=True,
+              attention_mask=tree_attention_mask(PARENTS, prefix.shape[1]),
+              position_ids=tree_position_ids(PARENTS, prefix.shape[1]))
+        compact_cache(cache, prefix.shape[1], accepted)
+        chain = DynamicCache(config=model.config)
+        model(torch.cat([prefix, tree_tokens[:, accepted]], dim=1), past_key_values=chain, use_cache=True)
+        for ours, ref in zip(cache.layers, chain.layers, strict=True):
+            assert ours.keys.shape == ref.keys.shape
+            assert torch.allclose(ours.keys, ref.keys, atol=1e-5) and torch.allclose(ours.values, ref.values, atol=1e-5)
+        assert torch.allclose(model(nxt, past_key_values=cache).logits, model(nxt, past_key_values=chain).logits,
+                              atol=1e-4)
+
