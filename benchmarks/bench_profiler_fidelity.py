@@ -32,18 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profilers.device import resolve_device, torch_device  # noqa: E402
 from profilers.layer_profiler import profile_model  # noqa: E402
+from tuner.builtin.train_tiny import MODEL  # noqa: E402
 
-TINY_SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    vocab_size=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-)
+# The shape of builtin:tiny, from the recipe that trained it (one source of truth).
+TINY_SHAPE = dict(MODEL, vocab_size=2048)
 
 
 def _ints(text: str) -> list[int]:

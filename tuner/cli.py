@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = load_policy(source, loaded.model, device=device, strict=bool(args.policy))
     for w in caught:
         _say(f"autotune: warning: {w.message}")
-    _say(f"policy: {policy.source if policy is not None and hasattr(policy, 'source') else 'none (dense)'}")
+    _say(f"policy: {policy.source if policy is not None else 'none (dense)'}")
     tokenizer = loaded.tokenizer
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(torch_device(device))
     with apply_policy(loaded.model, policy) as tuned:

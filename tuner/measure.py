@@ -42,11 +42,6 @@ class GenerationMeasurement:
     samples: list[GenerationSample] = field(default_factory=list)
     kv_cache_mb: float | None = None
 
-    def as_dict(self) -> dict[str, float | int | str | None]:
-        return {"ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "tokens_per_s": self.tokens_per_s,
-                "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
-                "new_tokens": self.new_tokens, "kv_cache_mb": self.kv_cache_mb}
-
 
 def time_generate(generate: GenerateFn, input_ids: torch.Tensor, n: int, device: torch.device) -> float:
     synchronize(device)
