@@ -108,11 +108,24 @@ def accept_greedy(parents: Sequence[int], tree_tokens: torch.Tensor, root_logits
 def compact_cache(cache: object, n_past: int, keep_nodes: Sequence[int]) -> None:
     """Keep the verified context plus the accepted nodes in every layer of a `DynamicCache`, in path order.
 
-    A gather, not a crop: accepted nodes need not be contiguous in the tree's token order.
+    A gather, not a crop: accepted nodes need not be contiguous in the tree's token order. `n_past` is the
+    context length before the tree (layer 0's); layers that hold fewer context tokens (token retention
+    pruned them at prefill) keep theirs, since every layer received the same tree tokens last. Callables in
+    the cache's `autotune_compact_listeners` list (per-token state kept elsewhere about this cache) are
+    then called with `(n_tree, keep_nodes)`.
     """
-    for layer in getattr(cache, "layers", []):
+    layers = getattr(cache, "layers", [])
+    if not layers:
+        return
+    n_tree = layers[0].keys.shape[-2] - n_past
+    nodes = torch.as_tensor(list(keep_nodes), dtype=torch.long)
+    for layer in layers:
         keys, values = layer.keys, layer.values
-        index = torch.cat([torch.arange(n_past, device=keys.device),
-                           torch.as_tensor(list(keep_nodes), dtype=torch.long, device=keys.device) + n_past])
+        if keys is None or not getattr(layer, "is_initialized", True):
+            continue  # a layer this cache never ran (a layer-skipping draft's cache)
+        layer_past = keys.shape[-2] - n_tree
+        index = torch.cat([torch.arange(layer_past), nodes + layer_past]).to(keys.device)
         layer.keys = keys.index_select(-2, index)
         layer.values = values.index_select(-2, index)
+    for listener in getattr(cache, "autotune_compact_listeners", ()):
+        listener(n_tree, list(keep_nodes))

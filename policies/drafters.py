@@ -1,0 +1,335 @@
+"""Drafters for tree speculative decoding: who proposes the token tree that the target verifies.
+
+Three kinds, one interface (`Drafter`):
+- `PromptLookupDrafter`: continuations of the context's last n-gram where it occurred before (prompt lookup
+  decoding, Saxena 2023); several distinct continuations are merged into a trie, so a repeated phrase with
+  two different endings is one tree with two branches. No model, no cost beyond a scan of the context.
+- `ModelDrafter` over a separate small model sharing the tokenizer (`builtin:tiny-draft` for `builtin:tiny`).
+- `ModelDrafter` over the target itself with some decoder layers skipped (self-speculation, as in
+  Draft & Verify, Zhang et al. 2023): `LayerSkipLM`. The skipped set is part of the policy.
+
+A model drafter grows the tree depth by depth, one draft forward per depth over the nodes that get
+children (a 4D tree mask, as in verification), from either a static *shape* (the parents list of the
+policy: the j-th child of a node is the draft's rank-j token, Sequoia-style) or a dynamic top-k expansion
+(EAGLE-2 / SGLang-style: expand the `topk` best nodes per depth, keep the `tokens` best overall by
+cumulative draft log-probability). Its own KV cache is compacted to the accepted path after each step,
+exactly like the target's, so each token is drafted over once.
+
+In sampling mode, siblings are drawn without replacement from the draft distribution and each node carries
+the distribution it was drawn from (`Draft.q`), which is what lossless verification needs
+(`policies.spec_sampling`). In greedy mode siblings are the draft's top-k and drafts are deterministic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from policies.tree_attention import compact_cache, node_depths, tree_attention_mask, tree_position_ids
+
+
+@dataclass
+class Draft:
+    """A proposed token tree: `parents[i]` is node i's parent (-1: child of the root, the last committed
+    token); `q` (n, vocab) holds, per node, the distribution its token was drawn from (None: deterministic)."""
+
+    parents: list[int]
+    tokens: list[int]
+    q: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the target samples (temperature 0 = greedy); drafters sample their trees the same way."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class Drafter(ABC):
+    """Proposes a tree for the next step and learns which of its nodes were accepted."""
+
+    def begin(self, input_ids: torch.Tensor) -> None:  # noqa: B027 - optional hook, stateless drafters skip it
+        """A new sequence starts with this prompt (batch 1)."""
+
+    @abstractmethod
+    def propose(self, context: Sequence[int], sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        """Tree for the tokens after `context` (every committed token, the last one not yet verified)."""
+
+    def commit(self, accepted: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """The nodes (indices into the last proposal, root to leaf) that the target accepted."""
+
+
+# -- prompt lookup ---------------------------------------------------------------------------------------
+@dataclass
+class PromptLookupDrafter(Drafter):
+    """Continuations (up to `depth` tokens) of the most recent earlier occurrences of the context's last
+    n-gram, longest n first (`max_ngram` down to `min_ngram`); up to `candidates` distinct continuations are
+    merged into a trie, most recent first (so a node's children are in recency order)."""
+
+    depth: int = 5
+    max_ngram: int = 3
+    min_ngram: int = 1
+    candidates: int = 1
+
+    def propose(self, context: Sequence[int], sampling: Sampling | None = None,
+                generator: torch.Generator | None = None) -> Draft:
+        ctx = list(context)
+        continuations: list[list[int]] = []
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(ctx) <= n:
+                continue
+            tail = ctx[-n:]
+            for start in range(len(ctx) - n - 1, -1, -1):
+                if ctx[start:start + n] == tail:
+                    follow = ctx[start + n:start + n + self.depth]
+                    if follow and follow not in continuations:
+                        continuations.append(follow)
+                        if len(continuations) >= self.candidates:
+                            return trie(continuations)
+            if continuations:
+                break  # shorter n-grams are weaker evidence than the matches already found
+        return trie(continuations)
+
+
+def trie(sequences: Sequence[Sequence[int]]) -> Draft:
+    """Merge token sequences into one tree (shared prefixes become shared nodes), children in first-seen order."""
+    parents: list[int] = []
+    tokens: list[int] = []
+    index: dict[tuple[int, int], int] = {}
+    for seq in sequences:
+        parent = -1
+        for token in seq:
+            key = (parent, int(token))
+            if key not in index:
+                index[key] = len(tokens)
+                parents.append(parent)
+                tokens.append(int(token))
+            parent = index[key]
+    return Draft(parents, tokens)
+
+
+# -- model drafters --------------------------------------------------------------------------------------
+class LayerSkipLM(nn.Module):
+    """The target model run with some decoder layers skipped: a draft model that costs no extra weights.
+
+    During a call, the backbone's layer list is swapped for the kept layers (each keeps its own
+    `layer_idx`, so the draft's KV cache holds entries for the kept layers only). Layer 0 must be kept:
+    Hugging Face reads the cache length from it.
+    """
+
+    def __init__(self, model: nn.Module, skip: Sequence[int]) -> None:
+        from profilers.model_parts import decoder_parts
+
+        super().__init__()
+        parts = decoder_parts(model)
+        n = len(parts.layers)
+        bad = [i for i in skip if not 0 < int(i) < n]
+        if bad:
+            raise ValueError(f"layer skip: indices must be in 1..{n - 1} (layer 0 is always run), got {bad}")
+        self.target = model
+        self.config = model.config
+        self.skip = sorted({int(i) for i in skip})
+        owner_path, _, attr = parts.layers_path.rpartition(".")
+        self._owner = model.get_submodule(owner_path) if owner_path else model
+        self._attr = attr
+        self._kept = nn.ModuleList([layer for i, layer in enumerate(parts.layers) if i not in self.skip])
+
+    @contextmanager
+    def _skipping(self):
+        full = getattr(self._owner, self._attr)
+        setattr(self._owner, self._attr, self._kept)
+        try:
+            yield
+        finally:
+            setattr(self._owner, self._attr, full)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._skipping():
+            return self.target(*args, **kwargs)
+
+
+class ModelDrafter(Drafter):
+    """Drafts with a causal LM (a small model, or `LayerSkipLM`) that keeps its own KV cache.
+
+    `shape`: a static tree (parents list; the j-th child of a node is the draft's rank-j token). Or, with
+    `shape=None`, a dynamic tree of `dynamic_tokens` nodes grown over `dynamic_depth` draft forwards,
+    expanding the `dynamic_topk` most probable nodes per depth (EAGLE-2 style).
+    """
+
+    def __init__(self, lm: Any, shape: Sequence[int] | None = None, *, dynamic_depth: int = 5,
+                 dynamic_topk: int = 4, dynamic_tokens: int = 8) -> None:
+        self.lm = lm
+        self.shape = None if shape is None else list(shape)
+        self.dynamic = (dynamic_depth, dynamic_topk, dynamic_tokens)
+        self.device = next(lm.parameters()).device
+        if self.shape is not None:
+            depths = node_depths(self.shape)
+            self._children: dict[int, list[int]] = {}
+            for i, p in enumerate(self.shape):
+                self._children.setdefault(p, []).append(i)
+            self._by_depth = [[i for i, d in enumerate(depths) if d == k] for k in range(max(depths, default=-1) + 1)]
+        self.cache: Any = None
+        self.n_cached = 0
+        self._fed: dict[int, int] = {}  # node index -> position among the tree tokens fed this step
+
+    # -- sequence state ---------------------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.lm.config)
+        self.n_cached = 0
+        self._fed = {}
+
+    def commit(self, accepted: Sequence[int]) -> None:
+        """Keep the draft cache's committed part plus the accepted nodes it has already run over."""
+        fed_path = [self._fed[node] for node in accepted if node in self._fed]
+        compact_cache(self.cache, self.n_cached, fed_path)
+        self.n_cached += len(fed_path)
+        self._fed = {}
+
+    # -- drafting -------------------------------------------------------------------------------------------
+    def _forward(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
+        """Logits (n, vocab) of `tokens` appended to the cache; `parents` over all tree tokens fed so far
+        this step (the new ones last) gives the tree mask, None means a plain chain."""
+        ids = torch.tensor([tokens], device=self.device)
+        kwargs: dict[str, Any] = {"past_key_values": self.cache, "use_cache": True}
+        if parents is not None:
+            mask = tree_attention_mask(parents, self.n_cached, device=self.device)
+            kwargs["attention_mask"] = mask[:, :, -len(tokens):]
+            kwargs["position_ids"] = tree_position_ids(parents, self.n_cached, device=self.device)[:, -len(tokens):]
+        return self.lm(ids, **kwargs).logits[0].float()
+
+    def propose(self, context: Sequence[int], sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        pending = list(context[self.n_cached:])
+        root_logits = self._forward(pending)[-1]
+        self.n_cached += len(pending)
+        if self.shape is not None:
+            return self._static(root_logits, sampling, generator)
+        return self._dynamic(root_logits, sampling, generator)
+
+    def _children_of(self, logits: torch.Tensor, k: int, sampling: Sampling,
+                     generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
+        """k child tokens: the top-k (greedy), or k draws without replacement with each draw's distribution."""
+        if sampling.greedy:
+            return logits.topk(k).indices.tolist(), None
+        from policies.spec_sampling import sampling_probs
+
+        q = sampling_probs(logits, sampling.temperature, sampling.top_p)
+        tokens, rows = [], []
+        for _ in range(k):
+            total = float(q.sum())
+            if total <= 0:
+                break
+            q = q / total
+            token = int(torch.multinomial(q, 1, generator=generator))
+            tokens.append(token)
+            rows.append(q.clone())
+            q = q.clone()
+            q[token] = 0
+        return tokens, rows
+
+    def _static(self, root_logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        shape = self.shape or []
+        tokens: list[int | None] = [None] * len(shape)
+        rows: list[torch.Tensor | None] = [None] * len(shape)
+        fed_nodes: list[int] = []
+        logits_of: dict[int, torch.Tensor] = {-1: root_logits}
+        for depth, level in enumerate(self._by_depth):
+            for parent in sorted({shape[i] for i in level}):
+                if parent not in logits_of:
+                    continue  # the parent got no token (sampling ran out of draft mass)
+                kids = self._children[parent]
+                picked, q_rows = self._children_of(logits_of[parent], len(kids), sampling, generator)
+                for j, child in enumerate(kids[:len(picked)]):
+                    tokens[child] = picked[j]
+                    if q_rows is not None:
+                        rows[child] = q_rows[j]
+            expand = [i for i in level if i in self._children and tokens[i] is not None]
+            if not expand or depth + 1 >= len(self._by_depth):
+                break
+            fed_nodes += expand
+            out = self._forward([tokens[i] for i in expand], self._fed_parents(fed_nodes, shape))
+            for i, row in zip(expand, out[-len(expand):], strict=True):
+                logits_of[i] = row
+        draft, remap = _pruned(shape, tokens, rows)
+        self._fed = {remap[node]: pos for pos, node in enumerate(fed_nodes)}
+        return draft
+
+    @staticmethod
+    def _fed_parents(fed_nodes: list[int], parents: Sequence[int]) -> list[int]:
+        """Parents of the fed nodes re-indexed among the fed nodes (a fed node's parent was fed before it)."""
+        pos = {node: k for k, node in enumerate(fed_nodes)}
+        return [-1 if parents[node] == -1 else pos[parents[node]] for node in fed_nodes]
+
+    def _dynamic(self, root_logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        depth_limit, topk, budget = self.dynamic
+        parents: list[int] = []
+        tokens: list[int] = []
+        scores: list[float] = []
+        rows: list[torch.Tensor | None] = []
+        frontier: list[tuple[int, torch.Tensor]] = [(-1, root_logits)]
+        fed_nodes: list[int] = []
+        for depth in range(depth_limit):
+            new: list[int] = []
+            for parent, logits in frontier:
+                base = 0.0 if parent == -1 else scores[parent]
+                logp = torch.log_softmax(logits, -1)
+                picked, q_rows = self._children_of(logits, topk, sampling, generator)
+                for j, token in enumerate(picked):
+                    parents.append(parent)
+                    tokens.append(token)
+                    scores.append(base + float(logp[token]))
+                    rows.append(None if q_rows is None else q_rows[j])
+                    new.append(len(tokens) - 1)
+            if depth + 1 >= depth_limit:
+                break
+            expand = sorted(sorted(new, key=lambda i: -scores[i])[:topk])
+            fed_nodes += expand
+            out = self._forward([tokens[i] for i in expand], self._fed_parents(fed_nodes, parents))
+            frontier = list(zip(expand, out[-len(expand):], strict=True))
+        keep = _best_subtree(parents, scores, budget)
+        fed_pos = {node: k for k, node in enumerate(fed_nodes)}
+        remap = {old: new for new, old in enumerate(keep)}
+        self._fed = {remap[node]: pos for node, pos in fed_pos.items() if node in remap}
+        q = None if sampling.greedy else torch.stack([rows[i] for i in keep]) if keep else None  # type: ignore[misc]
+        return Draft([-1 if parents[i] == -1 else remap[parents[i]] for i in keep], [tokens[i] for i in keep], q)
+
+
+def _best_subtree(parents: list[int], scores: list[float], budget: int) -> list[int]:
+    """The `budget` nodes of highest cumulative score that form a tree (a node only with its parent),
+    returned in an order where parents come first (depth, then score)."""
+    chosen: set[int] = set()
+    for i in sorted(range(len(parents)), key=lambda i: -scores[i]):
+        if len(chosen) >= budget:
+            break
+        if parents[i] == -1 or parents[i] in chosen:
+            chosen.add(i)
+    depth = node_depths(parents)
+    return sorted(chosen, key=lambda i: (depth[i], i))
+
+
+def _pruned(shape: Sequence[int], tokens: list[int | None],
+            rows: list[torch.Tensor | None]) -> tuple[Draft, dict[int, int]]:
+    """Drop the nodes that got no token (sampling ran out of draft mass; their descendants got none either);
+    also returns the map from shape index to draft index."""
+    keep = [i for i, t in enumerate(tokens) if t is not None]
+    remap = {old: new for new, old in enumerate(keep)}
+    parents = [-1 if shape[i] == -1 else remap[shape[i]] for i in keep]
+    q = None
+    if keep and rows[keep[0]] is not None:
+        q = torch.stack([rows[i] for i in keep])  # type: ignore[misc]
+    return Draft(parents, [int(tokens[i]) for i in keep], q), remap  # type: ignore[arg-type]
