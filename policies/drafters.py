@@ -292,7 +292,10 @@ class ModelDrafter(Drafter):
                 for j, token in enumerate(picked):
                     parents.append(parent)
                     tokens.append(token)
-                    scores.append(base + float(logp[token]))
+                    # Sampling: which nodes exist may not depend on their own sampled token (that would bias
+                    # verification), so a node ranks by its parent's score and its sibling rank only.
+                    own = float(logp[token]) if sampling.greedy else -1e-3 * (j + 1)
+                    scores.append(base + own)
                     rows.append(None if q_rows is None else q_rows[j])
                     new.append(len(tokens) - 1)
             if depth + 1 >= depth_limit:

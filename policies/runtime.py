@@ -45,6 +45,12 @@ class PolicyHandle:
         return [name for name, _ in self._handles]
 
     @property
+    def decode_owner(self) -> TechniqueHandle | None:
+        """The technique handle that owns the decode loop (e.g. speculative decoding, whose `last_stats`
+        report accepted tokens per step), or None."""
+        return self._generator
+
+    @property
     def active(self) -> bool:
         """False once ``remove()`` ran."""
         return not self._removed

@@ -43,6 +43,16 @@ decode query seeing everything, or a prefill whose queries are its keys) it pass
 fast ``is_causal`` path. Layers before the first drop are untouched: with ``keep`` all 1.0 the outputs are
 bit-identical to the dense model.
 
+Tree speculative decoding (``policies.speculative``) composes with this: the prefill is pruned, then each verify
+forward runs [root] + draft tree with its own 4D mask (columns = slots ``0 .. n_past + n_tree - 1``, ``n_past``
+being layer 0's length) and depth positions. Dense layers receive that mask unchanged from HF; a pruned layer
+takes its columns at the layer's key slots (the mask decides visibility, not slot order; the tree's rows take
+the slots ``n_past .. n_past + n_tree - 1``). ``tree_attention.compact_cache`` then gathers every layer to its
+context plus the accepted nodes and calls the listener this runtime put in the cache's
+``autotune_compact_listeners``: the pruned layers' tracked slots become their context slots plus
+``n_past .. n_past + n_accepted - 1`` (where layer 0 holds those tokens now). A backbone forward over a swapped
+layer list (the layer-skip drafter, on its own cache) runs dense and leaves this sequence's state alone.
+
 Outputs. The final norm and LM head run only on the rows the last layer kept: a plain ``model(input_ids)``
 with drops returns logits for those rows only (``handle.last_kept_indices[-1]`` maps them to prompt
 positions; the last prompt token is always among them, so ``generate`` and next-token use are unaffected).
@@ -302,6 +312,7 @@ class _Forward:
     cur_slots: torch.Tensor  # slots of the rows currently flowing through the layers
     pad: torch.Tensor | None  # bool over slots (True = real token) when the 2D mask has padding
     has_cache: bool = False
+    custom_mask: torch.Tensor | None = None  # a 4D mask given to a decode forward (tree verification)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     sliced: tuple[Any, Any, Any] | None = None  # (backbone's position_embeddings, rows of them, position_ids)
 
@@ -393,6 +404,32 @@ def _cache_len(cache: Any, layer: int) -> int:
     return int(cache.get_seq_length(layer))
 
 
+class _CompactListener:
+    """Called by ``tree_attention.compact_cache`` on the cache a pruned prefill filled (speculative decoding):
+    re-maps the pruned layers' tracked slots. Weak references only, so the cache keeps neither the model's state
+    nor an old sequence alive; it does nothing once the handle is removed or another prefill took over."""
+
+    def __init__(self, state: _Retention, seq: _Sequence) -> None:
+        self.state_ref = weakref.ref(state)
+        self.seq_ref = weakref.ref(seq)
+
+    @classmethod
+    def register(cls, cache: Any, state: _Retention, seq: _Sequence) -> None:
+        listeners = getattr(cache, "autotune_compact_listeners", None)
+        if listeners is None:
+            listeners = []
+            cache.autotune_compact_listeners = listeners
+        # One listener per state and cache: a cache refilled from scratch drops its previous one.
+        listeners[:] = [fn for fn in listeners if not (isinstance(fn, cls) and fn.state_ref() in (None, state))]
+        listeners.append(cls(state, seq))
+
+    def __call__(self, n_tree: int, keep_nodes: Sequence[int]) -> None:
+        state, seq = self.state_ref(), self.seq_ref()
+        if state is None or seq is None or not state.active or state.seq is not seq:
+            return
+        state.on_compact(seq, n_tree, keep_nodes)
+
+
 class _Retention:
     """The live state of one application: hooks call into it; the attention function reports to it."""
 
@@ -406,6 +443,11 @@ class _Retention:
         self.attn_modules = [layer.self_attn for layer in parts.layers]
         self.originals = [_original_fn(m, original) for m in self.attn_modules]
         self.base_signature = inspect.signature(self.base.forward)
+        owner_path, _, attr = parts.layers_path.rpartition(".")
+        self._layers_owner = model.get_submodule(owner_path) if owner_path else model
+        self._layers_attr = attr
+        self._layers_container = getattr(self._layers_owner, attr)
+        self.active = True  # False once the handle is removed (compaction listeners then do nothing)
         self.fwd: _Forward | None = None
         self.seq = _Sequence(pruned=[False] * self.num_layers, slots=[None] * self.num_layers)
         self.score_override: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -419,7 +461,9 @@ class _Retention:
         extra = bound.get("kwargs", {})
         ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
         ref = ids if ids is not None else embeds
-        if ref is None:
+        if ref is None or getattr(self._layers_owner, self._layers_attr, None) is not self._layers_container:
+            # No rows, or the backbone runs a swapped layer list (speculative decoding's layer-skip drafter, on
+            # its own cache): that forward runs dense and leaves the sequence state alone.
             self.fwd = None
             return
         batch, q_len = int(ref.shape[0]), int(ref.shape[1])
@@ -459,6 +503,14 @@ class _Retention:
         pad = None
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and batch == 1 and not bool(mask.all()):
             pad = mask[0].to(device=device, dtype=torch.bool)
+        custom_mask = None
+        if past_len > 0 and isinstance(mask, torch.Tensor) and mask.ndim == 4 and any(self.seq.pruned):
+            if mask.shape[-1] < past_len + q_len or mask.shape[-2] != q_len:
+                raise ValueError(
+                    f"token_retention: a 4D attention_mask for {q_len} queries after {past_len} cached tokens must "
+                    f"have shape (batch, 1, {q_len}, {past_len + q_len}), got {tuple(mask.shape)}"
+                )
+            custom_mask = mask
         score_layers = frozenset()
         if counts is not None:
             score_layers = frozenset(i - 1 for i in range(1, self.num_layers) if counts[i] < counts[i - 1])
@@ -470,6 +522,7 @@ class _Retention:
             score_layers=score_layers,
             cur_slots=torch.arange(past_len, past_len + q_len, device=device),
             pad=pad,
+            custom_mask=custom_mask,
         )
         if past_len == 0:
             self.last_scores = {}
@@ -500,6 +553,8 @@ class _Retention:
             fwd.has_cache = cache is not None
             if fwd.fresh and cache is not None:
                 seq.cache_ref = weakref.ref(cache)
+                if any(seq.pruned):
+                    _CompactListener.register(cache, self, seq)
         changed = False
         if fwd.counts is not None and layer > 0 and fwd.counts[layer] < fwd.counts[layer - 1]:
             args, kwargs = self._drop(layer, args, kwargs)
@@ -568,7 +623,10 @@ class _Retention:
         fwd, seq = self.fwd, self.seq
         window = kwargs.get("sliding_window")
         if fwd is not None and seq.pruned[layer]:
-            attention_mask = self._pruned_mask(layer, query, key, window, fwd)
+            if fwd.custom_mask is not None:
+                attention_mask = self._custom_mask(layer, query, key, fwd)
+            else:
+                attention_mask = self._pruned_mask(layer, query, key, window, fwd)
         out = self.originals[layer](module, query, key, value, attention_mask, **kwargs)
         if fwd is not None and layer in fwd.score_layers and self.spec.scorer == "attention" and query.shape[2] > 1:
             scaling = kwargs.get("scaling", getattr(module, "scaling", query.shape[-1] ** -0.5))
@@ -611,6 +669,23 @@ class _Retention:
             )
         return allowed
 
+    def _custom_mask(self, layer: int, query: torch.Tensor, key: torch.Tensor, fwd: _Forward) -> torch.Tensor:
+        """A decode forward's own 4D mask (tree verification) in a pruned layer: its columns are the slots of the
+        full-length sequence, so the layer's mask is those columns at its key slots; the mask decides visibility
+        (not slot order), as it does in the dense layers, which receive it unchanged."""
+        assert fwd.custom_mask is not None
+        k_slots = self._key_slots(layer, key.shape[2], fwd)
+        mask = fwd.custom_mask.to(query.device).index_select(-1, k_slots)
+        if mask.dtype == torch.bool:
+            if self.original == "sdpa":
+                return mask
+            return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        if mask.dtype != query.dtype:  # additive: keep the values, clamped so that "masked" stays finite
+            mask = mask.float().clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        return mask
+
     def _window_scores(self, query: torch.Tensor, key: torch.Tensor, slots: torch.Tensor, scaling: float,
                        window: int | None, pad: torch.Tensor | None) -> torch.Tensor:
         """Attention of the last ``window`` queries over all keys, averaged over heads and those queries.
@@ -627,6 +702,23 @@ class _Retention:
             logits = logits.masked_fill(~allowed[None, None], -math.inf)
             probs = torch.softmax(logits, dim=-1)
             return probs.mean(dim=(1, 2))[0]
+
+    def on_compact(self, seq: _Sequence, n_tree: int, keep_nodes: Sequence[int]) -> None:
+        """``tree_attention.compact_cache`` kept, of the last ``n_tree`` entries of every layer, the accepted nodes
+        (in path order): they now sit right after the context, i.e. at layer 0's next consecutive slots."""
+        cache = seq.cache_ref() if seq.cache_ref is not None else None
+        if cache is None:
+            return
+        n_keep = len(keep_nodes)
+        past_full = _cache_len(cache, 0) - n_keep  # layer 0 holds every slot: context + accepted nodes
+        for layer, known in enumerate(seq.slots):
+            if not seq.pruned[layer] or known is None:
+                continue
+            if known.numel() < n_tree:
+                raise RuntimeError(f"token_retention: layer {layer} tracks {known.numel()} slots, fewer than the "
+                                   f"{n_tree} tree tokens being compacted")
+            new = torch.arange(past_full, past_full + n_keep, device=known.device, dtype=known.dtype)
+            seq.slots[layer] = torch.cat([known[: known.numel() - n_tree], new])
 
     def kv_lengths(self) -> list[int] | None:
         """Per-layer KV-cache lengths of the cache the last pruned prefill filled (None if it is gone)."""
@@ -735,6 +827,7 @@ class TokenRetentionRuntime(TechniqueRuntime):
         state = _Retention(model, spec, original)
         undo: list[Callable[[], None]] = []
         try:
+            undo.append(lambda: setattr(state, "active", False))
             for i, attn in enumerate(state.attn_modules):
                 _ATTN_OWNERS[attn] = (weakref.ref(state), i)
             undo.append(lambda: [_ATTN_OWNERS.pop(a, None) for a in state.attn_modules])

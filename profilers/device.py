@@ -442,6 +442,12 @@ def resolve_device(spec: str | None = None) -> DeviceFingerprint:
     low = s.lower()
     if low in ("cpu", "cpu:0"):
         return current_cpu()
+    threads = re.fullmatch(r"cpu:(\d+)t", low)
+    here = current_cpu()
+    if threads is None and low.startswith("cpu-") and low.rsplit("-", 1)[0] == here.id.rsplit("-", 1)[0]:
+        threads = re.fullmatch(r".*-(\d+)t", low)  # this CPU's id with another thread count
+    if threads is not None:
+        return use_cpu_threads(int(threads.group(1)))
     m = re.fullmatch(r"cuda(?::(\d+))?", low)
     if m:
         cuda = list_cuda_devices()
@@ -457,6 +463,17 @@ def resolve_device(spec: str | None = None) -> DeviceFingerprint:
             return fp
     known = ", ".join(["cpu", "cuda[:N]"] + [fp.id for fp in devices])
     raise ValueError(f"unknown device {s!r}; expected one of: {known}")
+
+
+def use_cpu_threads(n: int) -> DeviceFingerprint:
+    """Run torch on `n` CPU threads from now on (``--device cpu:Nt``) and return that device's fingerprint.
+
+    The thread count is part of a CPU device id, so the same CPU at 1 and at 2 threads are two devices with
+    their own profiles and policies."""
+    if not 1 <= n <= (os.cpu_count() or 1):
+        raise ValueError(f"device 'cpu:{n}t': thread count must be in 1..{os.cpu_count() or 1}")
+    torch.set_num_threads(n)
+    return current_cpu()
 
 
 def torch_device(fp: DeviceFingerprint) -> torch.device:

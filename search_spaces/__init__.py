@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import importlib
 
-from search_spaces.base import Preset, SearchContext, SearchSpace
+from search_spaces.base import Peer, Preset, SearchContext, SearchSpace
 
-__all__ = ["Preset", "SearchContext", "SearchSpace", "get_search_space", "register_search_space",
+__all__ = ["Peer", "Preset", "SearchContext", "SearchSpace", "get_search_space", "register_search_space",
            "registered_search_spaces"]
 
 _REGISTRY: dict[str, SearchSpace] = {}
 # One line per technique shipped with autotune: "module path" (imported lazily on first lookup).
-_BUILTIN_MODULES: tuple[str, ...] = ("search_spaces.token_retention",)
+_BUILTIN_MODULES: tuple[str, ...] = ("search_spaces.token_retention", "search_spaces.speculative")
 _loaded = False
 
 

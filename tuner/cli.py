@@ -135,7 +135,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      quality_budget=args.quality_budget, quality_metric=args.quality_metric,
                      objective=args.objective, device=args.device, storage=args.storage, study_name=args.study,
                      out_dir=Path(args.out), sampler=args.sampler, seed=args.seed, workload=_workload(args),
-                     quality=_quality(args), repeats=args.repeats, show_progress=not args.json)
+                     quality=_quality(args), repeats=args.repeats, show_progress=not args.json,
+                     draft_model=args.draft_model)
     result = tune(cfg, log=_say)
     summary = {"policy": str(result.policy_path), "artefacts": str(result.artefacts_dir),
                "best_trial": result.best_trial, "budget_met": result.budget_met, "n_trials": result.n_trials,
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timing repeats per trial (median)")
+    p.add_argument("--draft-model", default=None,
+                   help="speculative: draft model sharing the tokenizer (default: the one known for --model)")
     quality_opts(p, examples=20)
     p.add_argument("--json", action="store_true")
 

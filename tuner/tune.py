@@ -61,6 +61,7 @@ class TuneConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     repeats: int = 3
     show_progress: bool = False
+    draft_model: str | None = None  # speculative decoding's draft model (default: the one known for the model)
 
 
 @dataclass
@@ -143,7 +144,10 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"profiling {loaded.model_id} on {device.id}")
     curves = _profile(model, device, cfg.workload, artefacts)
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
-                        curves=curves)
+                        curves=curves, extras={"model_id": loaded.model_id, "draft_model": cfg.draft_model})
+    for space in spaces:
+        say(f"profiling for {space.name}")
+        space.prepare(ctx, model, tokenizer, torch_device(device))
 
     harness = QualityHarness(model, tokenizer, cfg.quality, cache_dir=artefacts,
                              model_key=json.dumps(fingerprint, sort_keys=True))
@@ -156,6 +160,9 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         baseline = measure_generation(dense.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
                                       repeats=cfg.repeats, forward=dense)
     say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
+    # Lossless techniques only (speculative decoding): every trial must reproduce dense greedy output exactly.
+    lossless = all(space.lossless for space in spaces)
+    dense_ids = _greedy_ids(model, input_ids, cfg.workload.new_tokens) if lossless else None
 
     study_name = cfg.study_name or default_study_name(cfg, loaded.model_id, device.id)
     handle = open_study(study_name, cfg.storage, artefacts / "study.journal", sampler=cfg.sampler, seed=cfg.seed,
@@ -173,6 +180,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         with apply_policy(model, policy) as tuned:
             quality = harness.evaluate(tuned.generate, tuned)
             value = quality.metric(cfg.quality_metric)
+            if dense_ids is not None:
+                _check_lossless(tuned, input_ids, dense_ids, quality.predictions, reference.predictions)
             attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
             if predicted is not None:
                 attrs["predicted_ms"] = predicted
@@ -216,6 +225,35 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
     return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
                       budget_met=met, n_trials=len(trials))
+
+
+class LosslessViolation(RuntimeError):
+    """A trial of a lossless technique changed the greedy output: a bug or numerics, never a trade-off."""
+
+
+def _greedy_ids(model: Any, input_ids: Any, n: int) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              attention_mask=torch.ones_like(input_ids), pad_token_id=0)
+
+
+def _check_lossless(handle: Any, input_ids: Any, dense_ids: Any, predictions: dict[str, list[str]],
+                    reference: dict[str, list[str]]) -> None:
+    """Fail the trial (raise) when its greedy output differs from dense in any token."""
+    import torch
+
+    n = dense_ids.shape[1] - input_ids.shape[1]
+    with torch.inference_mode():
+        out = handle.generate(input_ids, max_new_tokens=n, min_new_tokens=n)
+    if not torch.equal(out, dense_ids):
+        differ = (out[0, :dense_ids.shape[1]] != dense_ids[0, :out.shape[1]]).nonzero()
+        at = int(differ[0]) - input_ids.shape[1] if differ.numel() else min(out.shape[1], dense_ids.shape[1])
+        raise LosslessViolation(f"lossless guard: greedy output differs from dense at generated token {at}")
+    for task, answers in reference.items():
+        if predictions.get(task) != answers:
+            raise LosslessViolation(f"lossless guard: task {task!r} answers differ from dense greedy")
 
 
 def default_study_name(cfg: TuneConfig, model_id: str, device_id: str) -> str:
@@ -286,6 +324,8 @@ def _enqueue_presets(handle: Any, spaces: list[SearchSpace], ctx: SearchContext)
     params, attrs = [], []
     for space in spaces:
         for preset in space.presets(ctx):
+            if preset.params is None:  # not expressible as trial parameters (shown by bench only)
+                continue
             params.append(preset.params)
             attrs.append({"autotune:preset": f"{space.name}:{preset.name}"})
     if params:

@@ -73,6 +73,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         train_module="tuner.builtin.train_tiny",
         tasks=("needle", "needle-2k", "pattern", "code"),
     ),
+    "tiny-draft": BuiltinModel(
+        name="tiny-draft",
+        description=(
+            "2-layer Llama (hidden 128, ~0.4M params without embeddings) sharing builtin:tiny's tokenizer: its "
+            "speculative-decoding draft, trained the same way and then distilled from builtin:tiny"
+        ),
+        kind="causal-lm",
+        train_recipe="tiny-draft",
+        train_module="tuner.builtin.train_tiny_draft",
+        tasks=("needle", "pattern", "code"),
+    ),
 }
 
 

@@ -1,0 +1,338 @@
+"""Speculative decoding: which drafter, which tree, for this model on this device.
+
+Parameters an Optuna trial samples (`speculative.*`):
+- `drafter`: `draft_model` (a small model sharing the tokenizer; offered when one is known for the target),
+  `layer_skip` (the target without a contiguous block of `skip.n` layers from `skip.start`), `prompt_lookup`
+  (`lookup.max_ngram`, `lookup.depth`, `lookup.candidates`);
+- for model drafters, the tree `shape`: `sequoia` (the dynamic-programming tree of `budget` nodes and at most
+  `depth` levels for the drafter's measured positional acceptance vector), `chain` (`k`), or `branching`
+  (a per-depth branching vector `b0..b{depth-1}`, capped at the node budget).
+
+Cost hook: a step yields `1 + E[accepted]` tokens for `draft time + verify time(tree size + 1)`.
+`prepare` measures, on this device and for this workload, the target's verify curve
+(`profilers.verify_profiler`), the draft model's and the fully-skipped target's curves (a layer-skip draft
+costs in proportion to the layers it keeps), and the acceptance of each drafter on the target's own greedy
+continuations of the workload's prompts: the positional acceptance vector (Sequoia) of model drafters,
+and the exact simulated tokens per step of prompt lookup. So the chosen tree depends on both the model
+pair and the hardware: a flat verify curve (a GPU) favours wide trees, a steep one (a CPU) small trees.
+
+Presets (enqueued first, shown in `autotune bench`): a chain of k=5 (gpt-fast's default) and an
+EAGLE-2/SGLang-like dynamic tree (depth 5, top-k 4, 8 draft tokens), both with the draft model; and prompt
+lookup with HF's defaults (10 tokens, n-grams up to 2) when no draft model is known.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+import torch
+
+from search_spaces import register_search_space
+from search_spaces.base import Preset, SearchContext, SearchSpace
+from search_spaces.tree_shapes import branching_tree, chain_tree, expected_accepted, sequoia_tree
+
+MAX_RANK = 8
+MAX_BUDGET = 64
+SHAPES = ("sequoia", "chain", "branching")
+#: Draft models known for built-in targets (a target's own draft is a property of the model pair).
+KNOWN_DRAFTS = {"builtin:tiny": "builtin:tiny-draft"}
+
+
+def default_draft_model(model_id: str | None) -> str | None:
+    """The draft model known for `model_id`, when its checkpoint is present."""
+    draft = KNOWN_DRAFTS.get(model_id or "")
+    if draft is None:
+        return None
+    from tuner.builtin import get_builtin_model
+
+    return draft if (get_builtin_model(draft).checkpoint / "config.json").is_file() else None
+
+
+def tree_from_params(params: dict[str, Any], acceptance: Sequence[float] | None) -> tuple[list[int], dict[str, Any]]:
+    """The static tree a trial's shape parameters describe, and the `shape` provenance record."""
+    shape = params["speculative.shape"]
+    if shape == "chain":
+        k = int(params["speculative.chain.k"])
+        return chain_tree(k), {"kind": "chain", "k": k}
+    if shape == "branching":
+        depth = int(params["speculative.branching.depth"])
+        vector = [int(params[f"speculative.branching.b{i}"]) for i in range(depth)]
+        parents = branching_tree(vector)
+        return _cap(parents, MAX_BUDGET), {"kind": "branching", "branching": vector}
+    budget, depth = int(params["speculative.sequoia.budget"]), int(params["speculative.sequoia.depth"])
+    acc = list(acceptance or [0.6, 0.1, 0.05])
+    parents = sequoia_tree(acc, budget, max_depth=depth) or chain_tree(1)
+    return parents, {"kind": "sequoia", "node_budget": budget, "max_depth": depth,
+                     "acceptance": [round(a, 4) for a in acc]}
+
+
+def _cap(parents: list[int], budget: int) -> list[int]:
+    """The first `budget` nodes of a BFS-ordered tree (parents come first, so the prefix is a tree)."""
+    return parents[:budget]
+
+
+class SpeculativeSpace(SearchSpace):
+    name = "speculative"
+    quality_metric = "accuracy"
+    lossless = True  # greedy output must equal dense greedy output: tune fails trials that differ
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def _drafters(self, ctx: SearchContext) -> list[str]:
+        kinds = ["layer_skip", "prompt_lookup"]
+        return (["draft_model"] if self._draft_spec(ctx) else []) + kinds
+
+    @staticmethod
+    def _draft_spec(ctx: SearchContext) -> str | None:
+        return ctx.extras.get("draft_model") or default_draft_model(ctx.extras.get("model_id"))
+
+    def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
+        n_layers = ctx.num_layers
+        drafter = trial.suggest_categorical("speculative.drafter", self._drafters(ctx))
+        if drafter == "prompt_lookup":
+            lookup = {"max_ngram": trial.suggest_int("speculative.lookup.max_ngram", 1, 4),
+                      "depth": trial.suggest_int("speculative.lookup.depth", 1, 12),
+                      "candidates": trial.suggest_int("speculative.lookup.candidates", 1, 4)}
+            return {"drafter": drafter, "prompt_lookup": lookup,
+                    "node_budget": max(MAX_BUDGET, lookup["depth"] * lookup["candidates"])}
+        section: dict[str, Any] = {"drafter": drafter}
+        if drafter == "draft_model":
+            section["draft_model"] = self._draft_spec(ctx)
+            key = "draft_model"
+        else:
+            n = trial.suggest_int("speculative.skip.n", 1, max(1, n_layers - 2))
+            start = trial.suggest_int("speculative.skip.start", 1, max(1, n_layers - n))
+            section["skip_layers"] = list(range(start, min(n_layers, start + n)))
+            key = _skip_key(section["skip_layers"])
+        shape = trial.suggest_categorical("speculative.shape", SHAPES)
+        if shape == "chain":
+            trial.suggest_int("speculative.chain.k", 1, 10)
+        elif shape == "branching":
+            depth = trial.suggest_int("speculative.branching.depth", 1, 6)
+            for i in range(depth):
+                trial.suggest_int(f"speculative.branching.b{i}", 1, 4 if i < 2 else 2)
+        else:
+            trial.suggest_int("speculative.sequoia.budget", 2, MAX_BUDGET, log=True)
+            trial.suggest_int("speculative.sequoia.depth", 1, 10)
+        parents, provenance = tree_from_params(trial.params, self._acceptance(ctx, key, section))
+        section.update(tree={"kind": "static", "parents": parents}, node_budget=MAX_BUDGET, shape=provenance)
+        return section
+
+    def presets(self, ctx: SearchContext) -> list[Preset]:
+        draft = self._draft_spec(ctx)
+        if draft is None:
+            params = {"speculative.drafter": "prompt_lookup", "speculative.lookup.max_ngram": 2,
+                      "speculative.lookup.depth": 10, "speculative.lookup.candidates": 1}
+            section = {"drafter": "prompt_lookup", "prompt_lookup": {"max_ngram": 2, "depth": 10, "candidates": 1},
+                       "node_budget": MAX_BUDGET}
+            return [Preset("prompt-lookup", params, section, "HF prompt lookup defaults: 10 tokens, n-grams <= 2")]
+        chain = {"speculative.drafter": "draft_model", "speculative.shape": "chain", "speculative.chain.k": 5}
+        return [
+            Preset("chain-k5", chain, {"drafter": "draft_model", "draft_model": draft, "node_budget": MAX_BUDGET,
+                                       "tree": {"kind": "static", "parents": chain_tree(5)},
+                                       "shape": {"kind": "chain", "k": 5}},
+                   "gpt-fast's default speculate_k=5: a chain of 5 draft tokens"),
+            Preset("eagle-default", None, {"drafter": "draft_model", "draft_model": draft, "node_budget": MAX_BUDGET,
+                                           "tree": {"kind": "dynamic", "depth": 5, "topk": 4, "tokens": 8}},
+                   "EAGLE-2 / SGLang defaults: 5 draft steps, top-k 4, 8 draft tokens (dynamic tree)"),
+        ]
+
+    def peers(self, model: Any, section: dict[str, Any], ctx: SearchContext) -> list[Any]:
+        """Hugging Face assisted generation with the same draft model, and HF prompt-lookup decoding."""
+        from search_spaces.speculative_peers import hf_speculative_peers
+
+        draft = section.get("draft_model") or self._draft_spec(ctx)
+        return hf_speculative_peers(model, {**section, "draft_model": draft} if draft else section)
+
+    # -- profile and cost model -----------------------------------------------------------------------------
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: torch.device) -> None:
+        """Measure the verify curves and the calibration sequences the cost model needs (once per study)."""
+        from profilers.verify_profiler import profile_verify
+
+        prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
+        kv = sorted({prompt, prompt + new})
+        ctx.extras["speculative.verify"] = profile_verify(model, device, kv)
+        from policies.drafters import LayerSkipLM
+
+        n_layers = ctx.num_layers
+        if n_layers > 1:
+            ctx.extras["speculative.skip_all"] = profile_verify(LayerSkipLM(model, range(1, n_layers)), device, kv,
+                                                                vocab_size=model.config.vocab_size)
+        draft = self._draft_spec(ctx)
+        if draft is not None:
+            from policies.speculative import load_draft_model
+
+            ctx.extras["speculative.draft"] = profile_verify(load_draft_model(draft, device), device, kv)
+        ctx.extras["speculative.sequences"] = calibration_sequences(model, tokenizer, device, ctx.workload)
+        ctx.extras["speculative.model"] = model
+
+    def _acceptance(self, ctx: SearchContext, key: str, section: dict[str, Any]) -> list[float] | None:
+        """Positional acceptance vector of a model drafter (cached per drafter in the context)."""
+        cache = ctx.extras.setdefault("speculative.acceptance", {})
+        if key in cache:
+            return cache[key]
+        model, sequences = ctx.extras.get("speculative.model"), ctx.extras.get("speculative.sequences")
+        if model is None or not sequences:
+            return None
+        if section["drafter"] == "draft_model":
+            from policies.speculative import load_draft_model
+
+            lm = load_draft_model(section["draft_model"], next(model.parameters()).device)
+        else:
+            from policies.drafters import LayerSkipLM
+
+            lm = LayerSkipLM(model, section["skip_layers"])
+        cache[key] = rank_acceptance(lm, sequences)
+        return cache[key]
+
+    def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
+        """Predicted end-to-end latency (or TTFT) of generating the workload with `section` on this device."""
+        objective = ctx.extras.get("objective", "latency_ms")
+        baseline = ctx.extras.get("baseline", {})
+        if "speculative.verify" not in ctx.extras or "ttft_ms" not in baseline:
+            return None
+        if objective == "ttft_ms":
+            return float(baseline["ttft_ms"])
+        per_step = self.step_model(section, ctx)
+        if per_step is None:
+            return None
+        tokens, step_ms = per_step
+        return float(baseline["ttft_ms"]) + (int(ctx.workload["new_tokens"]) - 1) / tokens * step_ms
+
+    def step_model(self, section: dict[str, Any], ctx: SearchContext) -> tuple[float, float] | None:
+        """(expected tokens per step, predicted ms per step) of `section`, or None without a model for it."""
+        from profilers.verify_profiler import VerifyCurve
+
+        kv = int(ctx.workload["prompt_tokens"]) + int(ctx.workload["new_tokens"]) / 2
+        verify = VerifyCurve(ctx.extras["speculative.verify"])
+        if section["drafter"] == "prompt_lookup":
+            from policies.drafters import PromptLookupDrafter
+
+            sequences = ctx.extras.get("speculative.sequences") or []
+            if not sequences:
+                return None
+            drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
+                                             **section.get("prompt_lookup", {})})
+            tokens, tree_size = lookup_simulation(drafter, sequences)
+            return tokens, verify.ms(tree_size + 1, kv)
+        tree = section.get("tree", {})
+        if tree.get("kind") != "static":
+            return None
+        parents = tree["parents"]
+        key = "draft_model" if section["drafter"] == "draft_model" else _skip_key(section["skip_layers"])
+        acc = self._acceptance(ctx, key, section)
+        if acc is None:
+            return None
+        draft_curve = self._draft_curve(section, ctx)
+        if draft_curve is None:
+            return None
+        tokens = 1 + expected_accepted(parents, acc)
+        return tokens, draft_ms(parents, draft_curve, kv, tokens) + verify.ms(len(parents) + 1, kv)
+
+    def _draft_curve(self, section: dict[str, Any], ctx: SearchContext) -> Any:
+        from profilers.verify_profiler import VerifyCurve
+
+        if section["drafter"] == "draft_model":
+            rows = ctx.extras.get("speculative.draft")
+            return None if rows is None else VerifyCurve(rows)
+        rows_one = ctx.extras.get("speculative.skip_all")
+        if rows_one is None:
+            return None
+        kept = ctx.num_layers - len(section["skip_layers"])
+        full = {(r["n_query"], r["n_kv"]): r["ms"] for r in ctx.extras["speculative.verify"]}
+        w = (kept - 1) / max(1, ctx.num_layers - 1)
+        return VerifyCurve([{**r, "ms": (1 - w) * r["ms"] + w * full[(r["n_query"], r["n_kv"])]} for r in rows_one])
+
+
+def _skip_key(skip: Sequence[int]) -> str:
+    return "skip:" + ",".join(str(i) for i in skip)
+
+
+def draft_ms(parents: Sequence[int], curve: Any, kv: float, tokens_per_step: float) -> float:
+    """Draft time of a static tree: one forward over the pending tokens (about the previous step's accepted
+    tokens that the draft has not seen, plus the root), then one per depth over the nodes that get children."""
+    from policies.tree_attention import node_depths
+
+    depths = node_depths(parents)
+    has_children = {p for p in parents if p != -1}
+    total = curve.ms(max(1.0, tokens_per_step / 2), kv)
+    for depth in range(max(depths, default=-1)):
+        fed = sum(1 for i, d in enumerate(depths) if d == depth and i in has_children)
+        if fed:
+            total += curve.ms(fed, kv)
+    return total
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+def calibration_sequences(model: Any, tokenizer: Any, device: torch.device, workload: dict[str, Any],
+                          n_new: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt, target greedy continuation) pairs: the workload's timing prompt, a needle and a pattern
+    prompt and a free-text (code) prompt. Acceptance is measured on the target's own continuations, the
+    text speculative decoding actually verifies."""
+    from tuner.tasks import code_samples, get_task
+    from tuner.workload import timing_input_ids
+
+    n_new = n_new or max(32, int(workload["new_tokens"]))
+    prompts = [timing_input_ids(tokenizer, int(workload["prompt_tokens"]), device)]
+    for task in ("needle", "pattern"):
+        example = get_task(task).examples(1, seed=7)[0]
+        prompts.append(tokenizer(example.prompt, return_tensors="pt").input_ids.to(device))
+    prompts.append(tokenizer(code_samples(1, seed=7, n_chars=800)[0], return_tensors="pt").input_ids.to(device))
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id or 0)
+            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
+    return out
+
+
+def rank_acceptance(lm: Any, sequences: Sequence[tuple[list[int], list[int]]], max_rank: int = MAX_RANK) -> list[float]:
+    """acc[r] = how often the target's greedy token is the draft's rank-r token, teacher-forced over the
+    continuations (Sequoia's positional acceptance vector for greedy decoding)."""
+    counts = [0] * max_rank
+    total = 0
+    device = next(lm.parameters()).device
+    with torch.inference_mode():
+        for prompt, continuation in sequences:
+            ids = torch.tensor([prompt + continuation], device=device)
+            logits = lm(ids).logits[0, len(prompt) - 1:-1].float()
+            target = torch.tensor(continuation, device=device)
+            ranks = (logits > logits.gather(1, target[:, None])).sum(1)
+            for r in ranks.tolist():
+                if r < max_rank:
+                    counts[r] += 1
+            total += len(continuation)
+    return [c / max(total, 1) for c in counts]
+
+
+def lookup_simulation(drafter: Any, sequences: Sequence[tuple[list[int], list[int]]]) -> tuple[float, float]:
+    """(mean tokens per step, mean tree size) of a prompt-lookup drafter, simulated exactly on the target's
+    greedy continuations (greedy acceptance depends only on them)."""
+    steps, tokens, sizes = 0, 0, []
+    for prompt, continuation in sequences:
+        t = 1  # the first token comes from the prefill
+        while t < len(continuation):
+            draft = drafter.propose(prompt + continuation[:t])
+            accepted = _greedy_path(draft.parents, draft.tokens, continuation[t:])
+            steps += 1
+            tokens += accepted + 1
+            sizes.append(len(draft.tokens))
+            t += accepted + 1
+    return (tokens / steps if steps else 1.0), (statistics.mean(sizes) if sizes else 0.0)
+
+
+def _greedy_path(parents: Sequence[int], tokens: Sequence[int], truth: Sequence[int]) -> int:
+    """Length of the longest root path of the tree that spells a prefix of `truth`."""
+    node, depth = -1, 0
+    while depth < len(truth):
+        nxt = next((i for i, p in enumerate(parents) if p == node and tokens[i] == truth[depth]), None)
+        if nxt is None:
+            break
+        node, depth = nxt, depth + 1
+    return depth
+
+
+register_search_space(SpeculativeSpace())

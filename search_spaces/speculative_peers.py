@@ -1,0 +1,113 @@
+"""Peers of the `speculative` technique: Hugging Face transformers' own speculative decoders.
+
+`autotune bench` times them beside a speculative policy, on the dense model, with the same prompt, repeats
+and quality harness, so the policy's tree decoding is compared with what a user gets from the library:
+
+- `hf-assisted`: assisted generation (`model.generate(..., assistant_model=DRAFT)`) with the policy's draft
+  model (`section["draft_model"]`, default `builtin:tiny-draft`) and the library's assistant defaults (in
+  transformers 5: `num_assistant_tokens=20`, schedule `"constant"`, `assistant_confidence_threshold=0.4`;
+  the installed version's values are recorded in the peer's `source`);
+- `hf-prompt-lookup`: prompt lookup decoding (`prompt_lookup_num_tokens=10`, the documented default, and
+  the library's `max_matching_ngram_size`, 2 when unset).
+
+Both run greedy, so their output is the target's greedy output (assisted decoding is lossless up to
+floating-point ties between a multi-token verify forward and one-token decode steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+
+from search_spaces.base import Peer
+
+DEFAULT_DRAFT = "builtin:tiny-draft"
+PROMPT_LOOKUP_NUM_TOKENS = 10  # transformers' documented default for prompt lookup decoding
+
+__all__ = ["DEFAULT_DRAFT", "PROMPT_LOOKUP_NUM_TOKENS", "hf_speculative_peers"]
+
+
+def _pad_token_id(model: Any) -> int:
+    """The pad id to pass to generate (silences HF's warning): the model's pad, else its first EOS, else 0."""
+    for config in (getattr(model, "generation_config", None), model.config):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, attr, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    return 0
+
+
+def _greedy_generate(model: Any, **fixed: Any) -> Any:
+    """`generate(input_ids, **kw)`: `model.generate` greedy with a full attention mask, plus `fixed` kwargs."""
+    pad_token_id = _pad_token_id(model)
+
+    def generate(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        defaults = {"do_sample": False, "attention_mask": torch.ones_like(input_ids), "pad_token_id": pad_token_id}
+        return model.generate(input_ids, **{**defaults, **kwargs, **fixed})
+
+    return generate
+
+
+def _assistant_settings(draft: Any) -> str:
+    """The assistant settings transformers will use for `draft` (its generation config over library defaults)."""
+    config = copy.deepcopy(draft.generation_config)
+    defaults = getattr(config, "_get_default_generation_params", None)
+    if callable(defaults):
+        config.update(**defaults(), defaults_only=True)
+    names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    return ", ".join(f"{name}={getattr(config, name, None)}" for name in names)
+
+
+def _load_draft(model: Any, section: dict[str, Any]) -> tuple[str, Any] | None:
+    """(spec, draft LM) for `hf-assisted`; None (warned) when the default draft does not fit this model. A
+    draft the section names explicitly must load and share the target's vocabulary, else ValueError."""
+    from policies.speculative import load_draft_model
+
+    spec = section.get("draft_model") or DEFAULT_DRAFT
+    explicit = bool(section.get("draft_model"))
+    device = next(model.parameters()).device
+    try:
+        draft = load_draft_model(spec, device)
+    except (OSError, ValueError) as exc:  # ModelSpecError is a ValueError
+        if explicit:
+            raise
+        warnings.warn(f"peer hf-assisted skipped: default draft model {spec} unavailable ({exc})", stacklevel=3)
+        return None
+    draft_vocab, target_vocab = draft.config.vocab_size, model.config.vocab_size
+    if draft_vocab != target_vocab:
+        message = f"draft model {spec} has vocabulary {draft_vocab}, the target {target_vocab}"
+        if explicit:
+            raise ValueError(f"peer hf-assisted: {message}: not the same tokenizer")
+        warnings.warn(f"peer hf-assisted skipped: default {message}", stacklevel=3)
+        return None
+    return spec, draft
+
+
+def hf_speculative_peers(model: Any, section: dict[str, Any], draft_model: Any = None) -> list[Peer]:
+    """`hf-assisted` (with the section's draft model, or `draft_model` when given) and `hf-prompt-lookup`.
+
+    Each peer's `generate(input_ids, max_new_tokens=..., min_new_tokens=..., **kw)` runs `model.generate`
+    greedy (`do_sample=False` unless passed) with an all-ones attention mask and a pad token id."""
+    import transformers
+
+    version = f"transformers {transformers.__version__}"
+    peers = []
+    if draft_model is not None:
+        found: tuple[str, Any] | None = (type(draft_model).__name__, draft_model)
+    else:
+        found = _load_draft(model, section)
+    if found is not None:
+        spec, draft = found
+        peers.append(Peer("hf-assisted", _greedy_generate(model, assistant_model=draft),
+                          f"{version} assisted generation, draft {spec}, library defaults "
+                          f"({_assistant_settings(draft)})"))
+    ngram = getattr(model.generation_config, "max_matching_ngram_size", None) or 2
+    peers.append(Peer("hf-prompt-lookup", _greedy_generate(model, prompt_lookup_num_tokens=PROMPT_LOOKUP_NUM_TOKENS),
+                      f"{version} prompt lookup decoding (prompt_lookup_num_tokens={PROMPT_LOOKUP_NUM_TOKENS}, "
+                      f"max_matching_ngram_size={ngram})"))
+    return peers
