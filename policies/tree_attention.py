@@ -124,8 +124,14 @@ def compact_cache(cache: object, n_past: int, keep_nodes: Sequence[int]) -> None
         if keys is None or not getattr(layer, "is_initialized", True):
             continue  # a layer this cache never ran (a layer-skipping draft's cache)
         layer_past = keys.shape[-2] - n_tree
-        index = torch.cat([torch.arange(layer_past), nodes + layer_past]).to(keys.device)
-        layer.keys = keys.index_select(-2, index)
-        layer.values = values.index_select(-2, index)
+        src = (nodes + layer_past).to(keys.device)
+        end = layer_past + len(nodes)
+        # Only the tree part moves: the accepted rows are gathered, written after the context, and the
+        # tensor is narrowed (no copy of the context, which is most of the cache).
+        layer.keys = keys.narrow(-2, 0, end)
+        layer.values = values.narrow(-2, 0, end)
+        if len(nodes):
+            layer.keys[..., layer_past:end, :] = keys.index_select(-2, src)
+            layer.values[..., layer_past:end, :] = values.index_select(-2, src)
     for listener in getattr(cache, "autotune_compact_listeners", ()):
         listener(n_tree, list(keep_nodes))

@@ -129,7 +129,8 @@ class SpeculativeSpace(SearchSpace):
                        "node_budget": MAX_BUDGET}
             return [Preset("prompt-lookup", params, section, "HF prompt lookup defaults: 10 tokens, n-grams <= 2")]
         chain = {"speculative.drafter": "draft_model", "speculative.shape": "chain", "speculative.chain.k": 5}
-        return [
+        seeded = [self.hardware_seed(ctx, draft)] if "speculative.verify" in ctx.extras else []
+        return [p for p in seeded if p is not None] + [
             Preset("chain-k5", chain, {"drafter": "draft_model", "draft_model": draft, "node_budget": MAX_BUDGET,
                                        "tree": {"kind": "static", "parents": chain_tree(5)},
                                        "shape": {"kind": "chain", "k": 5}},
@@ -145,6 +146,34 @@ class SpeculativeSpace(SearchSpace):
 
         draft = section.get("draft_model") or self._draft_spec(ctx)
         return hf_speculative_peers(model, {**section, "draft_model": draft} if draft else section)
+
+    def hardware_seed(self, ctx: SearchContext, draft: str) -> Preset | None:
+        """Sequoia's hardware-aware choice: over node budgets and depths, the dynamic-programming tree for the
+        draft's measured acceptance vector whose predicted tokens/s on this device's verify curve is best."""
+        from search_spaces.tree_shapes import sequoia_curve
+
+        section = {"drafter": "draft_model", "draft_model": draft}
+        acc = self._acceptance(ctx, "draft_model", section)
+        if acc is None:
+            return None
+        best: tuple[float, int, int, list[int]] | None = None
+        budgets = [b for b in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if b <= MAX_BUDGET]
+        for depth in range(1, 11):
+            for budget, (_, parents) in sequoia_curve(acc, budgets, max_depth=depth).items():
+                if not parents:
+                    continue
+                model = self.step_model({**section, "tree": {"kind": "static", "parents": parents}}, ctx)
+                if model is not None and (best is None or model[0] / model[1] > best[0]):
+                    best = (model[0] / model[1], budget, depth, parents)
+        if best is None:
+            return None
+        _, budget, depth, parents = best
+        params = {"speculative.drafter": "draft_model", "speculative.shape": "sequoia",
+                  "speculative.sequoia.budget": budget, "speculative.sequoia.depth": depth}
+        return Preset("sequoia-hw", params,
+                      {**section, "node_budget": MAX_BUDGET, "tree": {"kind": "static", "parents": parents},
+                       "shape": {"kind": "sequoia", "node_budget": budget, "max_depth": depth}},
+                      "Sequoia: DP tree for the measured acceptance, size chosen on this device's verify curve")
 
     # -- profile and cost model -----------------------------------------------------------------------------
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: torch.device) -> None:
