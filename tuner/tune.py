@@ -171,12 +171,14 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                         metric_names=(cfg.objective, cfg.quality_metric))
     _enqueue_presets(handle, spaces, ctx)
 
-    ctx.extras.update(objective=cfg.objective, baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric))
+    # Cost hooks predict a latency: the objective itself, or end-to-end latency when the objective is tokens/s.
+    cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
+    ctx.extras.update(objective=cost_metric, baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric))
 
     def evaluate(trial: Any) -> TrialOutcome:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}
         policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
-        predicted = _predict(spaces, sections, ctx, cfg.objective)
+        predicted = _predict(spaces, sections, ctx, cost_metric)
         with apply_policy(model, policy) as tuned:
             quality = harness.evaluate(tuned.generate, tuned)
             value = quality.metric(cfg.quality_metric)
@@ -197,8 +199,9 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                 attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric)
                 attrs["latency_source"] = "measured"
                 objective_value = getattr(measured, cfg.objective)
-                if predicted is not None and cfg.objective.endswith("_ms"):
-                    attrs["prediction_error"] = (predicted - objective_value) / objective_value
+                if predicted is not None:
+                    actual = getattr(measured, cost_metric)
+                    attrs["prediction_error"] = (predicted - actual) / actual
         drop = quality_drop(cfg.quality_metric, ref_quality, value)
         return TrialOutcome(values=(objective_value, value), constraint=drop - cfg.quality_budget, user_attrs=attrs)
 
@@ -211,6 +214,10 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
 
     measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric),
                 "tuned": best.user_attrs["measured"]}
+    tuned_value, dense_value = measured["tuned"][cfg.objective], measured["baseline"][cfg.objective]
+    if (tuned_value > dense_value) == (OBJECTIVES[cfg.objective] == "minimize"):
+        say(f"warning: no trial beat dense on {cfg.objective} on this device ({tuned_value:.2f} vs dense "
+            f"{dense_value:.2f}); the policy is written, but running dense is faster here")
     provenance = {"tool_version": tool_version(), "study": study_name, "storage": handle.storage_url,
                   "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
                   "n_trials": len(trials)}
