@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: install, then on builtin:tiny and this device: profile, tune a token-retention policy,
-# bench it against dense and the paper presets, generate with it, and render a report.
+# bench it against dense and the paper presets, generate with it, and render a report; then tune a
+# speculative-decoding policy and bench it against dense, the presets and Hugging Face's implementations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,5 +19,11 @@ autotune bench --model builtin:tiny --policy "$POLICY" --tasks needle --examples
 autotune run --model builtin:tiny --policies "$OUT/policies" --prompt "copy: owl fox bear |" --max-new-tokens 8
 autotune report "$OUT/profile"
 autotune report "$OUT/policies"
+autotune tune --model builtin:tiny --techniques speculative --objective tokens_per_s --prompt-tokens 512 \
+  --new-tokens 32 --tasks pattern --examples 5 --budget 6 --out "$OUT/spec-policies"
+SPEC=$(ls "$OUT"/spec-policies/builtin-tiny/*.yaml | head -n 1)
+autotune bench --model builtin:tiny --policy "$SPEC" --tasks pattern --examples 5 --repeats 3
+autotune run --model builtin:tiny --policies "$OUT/spec-policies" --prompt "cycle: red gold red gold |" \
+  --max-new-tokens 16
 set +x
-echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY"
+echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC"

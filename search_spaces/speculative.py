@@ -196,6 +196,9 @@ class SpeculativeSpace(SearchSpace):
             ctx.extras["speculative.draft"] = profile_verify(load_draft_model(draft, device), device, kv)
         ctx.extras["speculative.sequences"] = calibration_sequences(model, tokenizer, device, ctx.workload)
         ctx.extras["speculative.model"] = model
+        _save_profile(ctx)
+        ctx.extras["speculative.step_overhead_ms"] = step_overhead_ms(model, tokenizer, device, ctx.workload,
+                                                                      ctx.extras["speculative.verify"])
 
     def _acceptance(self, ctx: SearchContext, key: str, section: dict[str, Any]) -> list[float] | None:
         """Positional acceptance vector of a model drafter (cached per drafter in the context)."""
@@ -236,6 +239,7 @@ class SpeculativeSpace(SearchSpace):
 
         kv = int(ctx.workload["prompt_tokens"]) + int(ctx.workload["new_tokens"]) / 2
         verify = VerifyCurve(ctx.extras["speculative.verify"])
+        overhead = float(ctx.extras.get("speculative.step_overhead_ms", 0.0))
         if section["drafter"] == "prompt_lookup":
             from policies.drafters import PromptLookupDrafter
 
@@ -245,7 +249,7 @@ class SpeculativeSpace(SearchSpace):
             drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
                                              **section.get("prompt_lookup", {})})
             tokens, tree_size = lookup_simulation(drafter, sequences)
-            return tokens, verify.ms(tree_size + 1, kv)
+            return tokens, verify.ms(tree_size + 1, kv) + overhead
         tree = section.get("tree", {})
         if tree.get("kind") != "static":
             return None
@@ -258,7 +262,7 @@ class SpeculativeSpace(SearchSpace):
         if draft_curve is None:
             return None
         tokens = 1 + expected_accepted(parents, acc)
-        return tokens, draft_ms(parents, draft_curve, kv, tokens) + verify.ms(len(parents) + 1, kv)
+        return tokens, draft_ms(parents, draft_curve, kv, tokens) + verify.ms(len(parents) + 1, kv) + overhead
 
     def _draft_curve(self, section: dict[str, Any], ctx: SearchContext) -> Any:
         from profilers.verify_profiler import VerifyCurve
@@ -273,6 +277,21 @@ class SpeculativeSpace(SearchSpace):
         full = {(r["n_query"], r["n_kv"]): r["ms"] for r in ctx.extras["speculative.verify"]}
         w = (kept - 1) / max(1, ctx.num_layers - 1)
         return VerifyCurve([{**r, "ms": (1 - w) * r["ms"] + w * full[(r["n_query"], r["n_kv"])]} for r in rows_one])
+
+
+def _save_profile(ctx: SearchContext) -> None:
+    """Write the verify curves beside the study (`speculative-verify.csv`) for reports and inspection."""
+    import pandas as pd
+
+    artefacts = ctx.extras.get("artefacts")
+    if artefacts is None:
+        return
+    frames = [pd.DataFrame(ctx.extras[key]).assign(model=name) for key, name in
+              (("speculative.verify", "target"), ("speculative.skip_all", "target, layer 0 only"),
+               ("speculative.draft", "draft")) if key in ctx.extras]
+    tmp = artefacts / "speculative-verify.csv.tmp"
+    pd.concat(frames).to_csv(tmp, index=False)
+    tmp.replace(artefacts / "speculative-verify.csv")
 
 
 def _skip_key(skip: Sequence[int]) -> str:
@@ -292,6 +311,35 @@ def draft_ms(parents: Sequence[int], curve: Any, kv: float, tokens_per_step: flo
         if fed:
             total += curve.ms(fed, kv)
     return total
+
+
+def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload: dict[str, Any],
+                     verify_rows: Sequence[dict[str, Any]], steps: int = 16) -> float:
+    """Per-step time of the decode loop beyond the verify forward: the loop run with a drafter that never
+    proposes (one token per step), minus the verify curve's one-token time. Calibrates the cost model for the
+    Python work around each forward (acceptance, cache bookkeeping) on this device."""
+    import time
+
+    from policies.drafters import PromptLookupDrafter
+    from policies.speculative import speculative_generate
+    from profilers.timing import synchronize
+    from profilers.verify_profiler import VerifyCurve
+    from tuner.workload import timing_input_ids
+
+    ids = timing_input_ids(tokenizer, int(workload["prompt_tokens"]), device)
+    never = PromptLookupDrafter(min_ngram=10**9, max_ngram=10**9)
+
+    def run(n: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        speculative_generate(model, ids, n, never)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    run(steps + 1)
+    per_step = statistics.median((run(steps + 1) - run(1)) / steps for _ in range(3))
+    kv = int(workload["prompt_tokens"]) + steps / 2
+    return max(0.0, per_step - VerifyCurve(verify_rows).ms(1, kv))
 
 
 # -- calibration -----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -118,3 +119,19 @@ def test_code_loss_better_than_uniform(tiny):
             tot += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             cnt += ids.shape[1] - 1
     assert tot / cnt < 0.5 * math.log(model.config.vocab_size)
+
+
+def test_tiny_draft_shares_the_tokenizer_and_is_a_cheaper_model(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = builtin_checkpoint("builtin:tiny-draft")
+    draft = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    target_tok = AutoTokenizer.from_pretrained(builtin_checkpoint("tiny"), local_files_only=True)
+    assert tok.get_vocab() == target_tok.get_vocab()
+    assert draft.config.vocab_size == 2048 and draft.config.num_hidden_layers == 2
+    n_draft = sum(p.numel() for p in draft.parameters())
+    n_target = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(builtin_checkpoint("tiny")).parameters())
+    assert n_draft < n_target / 5
+    meta = json.loads((path / "train_meta.json").read_text())
+    assert meta["command"] == get_builtin_model("tiny-draft").train_command

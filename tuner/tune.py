@@ -144,7 +144,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"profiling {loaded.model_id} on {device.id}")
     curves = _profile(model, device, cfg.workload, artefacts)
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
-                        curves=curves, extras={"model_id": loaded.model_id, "draft_model": cfg.draft_model})
+                        curves=curves, extras={"model_id": loaded.model_id, "draft_model": cfg.draft_model,
+                                                       "artefacts": artefacts})
     for space in spaces:
         say(f"profiling for {space.name}")
         space.prepare(ctx, model, tokenizer, torch_device(device))

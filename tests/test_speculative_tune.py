@@ -1,0 +1,68 @@
+"""Speculative decoding through the tuner: a valid per-device policy (alone and with token retention), the
+cost model's prediction recorded, and the lossless guard failing a trial whose greedy output changed."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from policies import apply_policy, load_policy
+from tuner.models import load_model
+from tuner.quality import QualityConfig
+from tuner.tune import TuneConfig, tune
+from tuner.workload import Workload
+
+QUALITY = QualityConfig(tasks=("pattern",), examples_per_task=3, free_text_samples=0)
+WORKLOAD = Workload(prompt_tokens=96, new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    result = tune(TuneConfig(model="builtin:tiny", techniques=("speculative",), budget=4, objective="tokens_per_s",
+                             out_dir=out, workload=WORKLOAD, quality=QUALITY, repeats=1))
+    return out, result
+
+
+def test_tune_writes_a_speculative_policy_that_run_reproduces(tuned):
+    out, result = tuned
+    assert result.n_trials == 4
+    section = result.policy["techniques"]["speculative"]
+    assert section["drafter"] in ("draft_model", "layer_skip", "prompt_lookup")
+    trials = pd.read_csv(result.artefacts_dir / "trials.csv")
+    # The hardware-aware Sequoia seed and gpt-fast's chain come first; every trial has a cost-model prediction.
+    assert list(trials["preset"][:2]) == ["speculative:sequoia-hw", "speculative:chain-k5"]
+    assert trials["predicted_ms"].notna().all() and trials["prediction_error"].notna().all()
+    assert (result.artefacts_dir / "speculative-verify.csv").is_file()
+    loaded = load_model("builtin:tiny")
+    policy = load_policy(out, loaded.model, strict=True)
+    ids = loaded.tokenizer("cycle: red gold red gold |", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        dense = loaded.model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                                      attention_mask=torch.ones_like(ids))
+        with apply_policy(loaded.model, policy) as handle:
+            assert torch.equal(handle.generate(ids, max_new_tokens=12, min_new_tokens=12), dense)
+
+
+def test_token_retention_and_speculative_tune_together(tmp_path):
+    result = tune(TuneConfig(model="builtin:tiny", techniques=("token_retention", "speculative"), budget=2,
+                             objective="latency_ms", out_dir=tmp_path, workload=WORKLOAD, quality=QUALITY,
+                             repeats=1))
+    assert set(result.policy["techniques"]) == {"token_retention", "speculative"}
+
+
+def test_lossless_guard_fails_trials_that_change_greedy_output(tmp_path, monkeypatch):
+    """With a broken (lossy) acceptance rule every trial changes the greedy output, so every trial fails and
+    no policy is written."""
+    from policies import speculative
+
+    def accept_first_child(draft, rows, sampling, generator):
+        first = next((i for i, p in enumerate(draft.parents) if p == -1), None)
+        return ([first] if first is not None else []), int(rows[0].argmax())
+
+    monkeypatch.setattr(speculative, "_accept", accept_first_child)
+    with pytest.raises(RuntimeError, match="no completed trial"):
+        tune(TuneConfig(model="builtin:tiny", techniques=("speculative",), budget=2, out_dir=tmp_path,
+                        workload=WORKLOAD, quality=QUALITY, repeats=1))
+    assert not list(tmp_path.rglob("*.yaml"))
