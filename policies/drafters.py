@@ -72,6 +72,10 @@ class Drafter(ABC):
     def commit(self, accepted: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """The nodes (indices into the last proposal, root to leaf) that the target accepted."""
 
+    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """The target's logits (n, vocab) after each of the `token_ids` (n,) it just ran (prefill and
+        verify forwards): free information about what the target predicts, for drafters that recycle it."""
+
 
 # -- prompt lookup ---------------------------------------------------------------------------------------
 @dataclass
@@ -120,6 +124,47 @@ def trie(sequences: Sequence[Sequence[int]]) -> Draft:
                 tokens.append(int(token))
             parent = index[key]
     return Draft(parents, tokens)
+
+
+# -- token recycling -------------------------------------------------------------------------------------
+class RecycleDrafter(Drafter):
+    """Drafts from the target's own earlier predictions (Token Recycling, Luo et al. 2024): an adjacency table
+    holds, for every token, the target's top-`k` next tokens the last time it ran over that token (any
+    position of any prefill or verify forward, accepted or not). A static tree shape is filled from it: the
+    j-th child of a node is row(node token)[j]. No draft forward at all, so it pays off wherever the target
+    repeats itself, and the table persists across `generate` calls of one handle (a warm drafter)."""
+
+    def __init__(self, shape: Sequence[int], k: int = 8, vocab_size: int | None = None) -> None:
+        self.shape = list(shape)
+        self.k = int(k)
+        self.table: dict[int, list[int]] = {}
+        depths = node_depths(self.shape)
+        self._order = sorted(range(len(self.shape)), key=lambda i: (depths[i], i))
+        self._rank = []
+        seen: dict[int, int] = {}
+        for p in self.shape:
+            self._rank.append(seen.get(p, 0))
+            seen[p] = seen.get(p, 0) + 1
+        if max(self._rank, default=0) >= self.k:
+            raise ValueError(f"recycle drafter: the tree has a node with {max(self._rank) + 1} children, more "
+                             f"than the {self.k} recycled candidates per token")
+
+    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        top = logits.topk(self.k, dim=-1).indices.tolist()
+        for token, row in zip(token_ids.tolist(), top, strict=True):
+            self.table[token] = row
+
+    def propose(self, context: Sequence[int], sampling: Sampling | None = None,
+                generator: torch.Generator | None = None) -> Draft:
+        tokens: list[int | None] = [None] * len(self.shape)
+        for i in self._order:  # parents come first
+            p = self.shape[i]
+            parent_token = context[-1] if p == -1 else tokens[p]
+            row = self.table.get(parent_token) if parent_token is not None else None  # type: ignore[arg-type]
+            if row is not None:
+                tokens[i] = row[self._rank[i]]
+        draft, _ = _pruned(self.shape, tokens, [None] * len(self.shape))
+        return draft
 
 
 # -- model drafters --------------------------------------------------------------------------------------

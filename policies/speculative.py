@@ -10,11 +10,12 @@ distribution, whatever the drafter proposes.
 
 Policy section (`techniques.speculative`, validated by `validate_section`):
 
-    drafter: draft_model | layer_skip | prompt_lookup
+    drafter: draft_model | layer_skip | prompt_lookup | recycle
     draft_model: builtin:tiny-draft        # drafter draft_model: a causal LM sharing the target's tokenizer
     skip_layers: [2, 3]                    # drafter layer_skip: target layers the draft skips (never 0)
     prompt_lookup: {max_ngram: 3, min_ngram: 1, depth: 5, candidates: 2}   # drafter prompt_lookup
-    tree: {kind: static, parents: [-1, -1, 0, 0, 2]}    # model drafters; the j-th child = draft rank j
+    recycle: {k: 8}                        # drafter recycle: the target's top-k per token, recycled
+    tree: {kind: static, parents: [-1, -1, 0, 0, 2]}    # model/recycle drafters; j-th child = rank j
     tree: {kind: dynamic, depth: 5, topk: 4, tokens: 8} # EAGLE-2-style dynamic tree
     node_budget: 64                        # most tree tokens per verify forward
     shape: {...}                           # optional provenance (how the tree was chosen); not read
@@ -31,7 +32,15 @@ from typing import Any
 
 import torch
 
-from policies.drafters import Draft, Drafter, LayerSkipLM, ModelDrafter, PromptLookupDrafter, Sampling
+from policies.drafters import (
+    Draft,
+    Drafter,
+    LayerSkipLM,
+    ModelDrafter,
+    PromptLookupDrafter,
+    RecycleDrafter,
+    Sampling,
+)
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError
 from policies.tree_attention import (
@@ -44,10 +53,11 @@ from policies.tree_attention import (
 
 NAME = "speculative"
 SECTION_PATH = f"techniques.{NAME}"
-DRAFTERS = ("draft_model", "layer_skip", "prompt_lookup")
+DRAFTERS = ("draft_model", "layer_skip", "prompt_lookup", "recycle")
 TREE_KINDS = ("static", "dynamic")
 MAX_NODE_BUDGET = 512
-_FIELDS = ("drafter", "draft_model", "skip_layers", "prompt_lookup", "tree", "node_budget", "shape")
+_FIELDS = ("drafter", "draft_model", "skip_layers", "prompt_lookup", "recycle", "tree", "node_budget", "shape")
+MAX_RECYCLE_K = 16
 _LOOKUP_DEFAULTS = {"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1}
 
 
@@ -110,7 +120,9 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
     cache = DynamicCache(config=model.config)
     generated: list[int] = []
     with torch.inference_mode():
-        logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        prefill = model(input_ids, past_key_values=cache, use_cache=True).logits
+        drafter.observe(input_ids[0], prefill[0])
+        logits = prefill[:, -1].float()
         _suppress_eos(logits, 0, [], min_new_tokens, eos)
         generated.append(_pick(logits[0], sampling, generator))
         context = input_ids[0].tolist() + generated
@@ -121,6 +133,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
             ids, mask, positions = _verify_inputs(context[-1], draft, n_past, device, dtype)
             out = model(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
             rows = out.logits[0].float()
+            drafter.observe(ids[0], rows)
             _suppress_eos(rows, len(generated), node_depths(draft.parents), min_new_tokens, eos)
             accepted, bonus = _accept(draft, rows, sampling, generator)
             compact_cache(cache, n_past, [0] + [i + 1 for i in accepted])
@@ -186,8 +199,10 @@ def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
             problems.append(f"{path}.skip_layers: indices must be distinct and >= 1 (layer 0 always runs), got {skip}")
     if drafter == "prompt_lookup":
         problems += _validate_lookup(section.get("prompt_lookup", {}), f"{path}.prompt_lookup", budget)
-    elif drafter in ("draft_model", "layer_skip"):
+    elif drafter in ("draft_model", "layer_skip", "recycle"):
         problems += _validate_tree(section.get("tree"), f"{path}.tree", budget)
+    if drafter == "recycle":
+        problems += _validate_recycle(section, path)
     return problems
 
 
@@ -208,6 +223,24 @@ def _validate_lookup(lookup: Any, path: str, budget: int) -> list[str]:
             problems.append(f"{path}: depth x candidates = {values['depth'] * values['candidates']} tree tokens "
                             f"exceeds node_budget {budget}")
     return problems
+
+
+def _validate_recycle(section: dict[str, Any], path: str) -> list[str]:
+    recycle = section.get("recycle", {})
+    if not isinstance(recycle, dict) or any(k != "k" for k in recycle):
+        return [f"{path}.recycle: must be a mapping with one field, k"]
+    k = recycle.get("k", 8)
+    if not _is_int(k) or not 1 <= k <= MAX_RECYCLE_K:
+        return [f"{path}.recycle.k: must be an integer in 1..{MAX_RECYCLE_K}, got {k!r}"]
+    tree = section.get("tree")
+    if isinstance(tree, dict) and tree.get("kind") == "dynamic":
+        return [f"{path}.tree.kind: the recycle drafter fills a static tree"]
+    if isinstance(tree, dict) and isinstance(tree.get("parents"), list):
+        parents = tree["parents"]
+        widest = max((parents.count(p) for p in set(parents)), default=0)
+        if widest > k:
+            return [f"{path}.tree.parents: a node has {widest} children, more than recycle.k = {k}"]
+    return []
 
 
 def _validate_tree(tree: Any, path: str, budget: int) -> list[str]:
@@ -256,6 +289,8 @@ def make_drafter(model: Any, section: dict[str, Any]) -> Drafter:
     if kind == "prompt_lookup":
         return PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section.get("prompt_lookup", {})})
     tree = section["tree"]
+    if kind == "recycle":
+        return RecycleDrafter(tree["parents"], k=int(section.get("recycle", {}).get("k", 8)))
     if kind == "draft_model":
         device = next(model.parameters()).device
         lm = load_draft_model(section["draft_model"], device)
@@ -339,6 +374,8 @@ class SpeculativeRuntime(TechniqueRuntime):
                 "drafter": {"enum": list(DRAFTERS)},
                 "draft_model": {"type": "string", "description": "builtin:NAME or a local checkpoint"},
                 "skip_layers": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "recycle": {"type": "object", "properties": {"k": {"type": "integer", "minimum": 1,
+                                                                   "maximum": MAX_RECYCLE_K}}},
                 "prompt_lookup": {"type": "object", "properties": {k: {"type": "integer", "minimum": 1}
                                                                    for k in _LOOKUP_DEFAULTS}},
                 "tree": {"type": "object", "properties": {

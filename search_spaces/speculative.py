@@ -3,18 +3,20 @@
 Parameters an Optuna trial samples (`speculative.*`):
 - `drafter`: `draft_model` (a small model sharing the tokenizer; offered when one is known for the target),
   `layer_skip` (the target without a contiguous block of `skip.n` layers from `skip.start`), `prompt_lookup`
-  (`lookup.max_ngram`, `lookup.depth`, `lookup.candidates`);
-- for model drafters, the tree `shape`: `sequoia` (the dynamic-programming tree of `budget` nodes and at most
-  `depth` levels for the drafter's measured positional acceptance vector), `chain` (`k`), or `branching`
-  (a per-depth branching vector `b0..b{depth-1}`, capped at the node budget).
+  (`lookup.max_ngram`, `lookup.depth`, `lookup.candidates`), `recycle` (Token Recycling: the target's own
+  earlier top-k predictions per token, no draft forward);
+- for model and recycle drafters, the tree `shape`: `sequoia` (the dynamic-programming tree of `budget`
+  nodes and at most `depth` levels for the drafter's measured positional acceptance vector), `chain` (`k`),
+  or `branching` (a per-depth branching vector `b0..b{depth-1}`, capped at the node budget).
 
 Cost hook: a step yields `1 + E[accepted]` tokens for `draft time + verify time(tree size + 1)`.
 `prepare` measures, on this device and for this workload, the target's verify curve
 (`profilers.verify_profiler`), the draft model's and the fully-skipped target's curves (a layer-skip draft
 costs in proportion to the layers it keeps), and the acceptance of each drafter on the target's own greedy
-continuations of the workload's prompts: the positional acceptance vector (Sequoia) of model drafters,
-and the exact simulated tokens per step of prompt lookup. So the chosen tree depends on both the model
-pair and the hardware: a flat verify curve (a GPU) favours wide trees, a steep one (a CPU) small trees.
+continuations of the workload's prompts: the positional acceptance vector (Sequoia) of model drafters and
+of token recycling (simulated), and the exact simulated tokens per step of prompt lookup. So the chosen
+tree depends on both the model pair and the hardware: a flat verify curve (a GPU) favours wide trees, a
+steep one (a CPU) small trees.
 
 Presets (enqueued first, shown in `autotune bench`): a chain of k=5 (gpt-fast's default) and an
 EAGLE-2/SGLang-like dynamic tree (depth 5, top-k 4, 8 draft tokens), both with the draft model; and prompt
@@ -35,6 +37,7 @@ from search_spaces.base import Preset, SearchContext, SearchSpace
 from search_spaces.tree_shapes import branching_tree, chain_tree, expected_accepted, sequoia_tree
 
 MAX_RANK = 8
+RECYCLE_K = 8  # >= the widest node any sampled shape has (branching <= 4, Sequoia over MAX_RANK ranks)
 MAX_BUDGET = 64
 SHAPES = ("sequoia", "chain", "branching")
 #: Draft models known for built-in targets (a target's own draft is a property of the model pair).
@@ -81,7 +84,7 @@ class SpeculativeSpace(SearchSpace):
 
     # -- sampling -------------------------------------------------------------------------------------------
     def _drafters(self, ctx: SearchContext) -> list[str]:
-        kinds = ["layer_skip", "prompt_lookup"]
+        kinds = ["layer_skip", "prompt_lookup", "recycle"]
         return (["draft_model"] if self._draft_spec(ctx) else []) + kinds
 
     @staticmethod
@@ -101,6 +104,9 @@ class SpeculativeSpace(SearchSpace):
         if drafter == "draft_model":
             section["draft_model"] = self._draft_spec(ctx)
             key = "draft_model"
+        elif drafter == "recycle":
+            section["recycle"] = {"k": RECYCLE_K}
+            key = "recycle"
         else:
             n = trial.suggest_int("speculative.skip.n", 1, max(1, n_layers - 2))
             start = trial.suggest_int("speculative.skip.start", 1, max(1, n_layers - n))
@@ -208,6 +214,9 @@ class SpeculativeSpace(SearchSpace):
         model, sequences = ctx.extras.get("speculative.model"), ctx.extras.get("speculative.sequences")
         if model is None or not sequences:
             return None
+        if section["drafter"] == "recycle":
+            cache[key] = recycle_acceptance(model, sequences, int(section.get("recycle", {}).get("k", RECYCLE_K)))
+            return cache[key]
         if section["drafter"] == "draft_model":
             from policies.speculative import load_draft_model
 
@@ -254,10 +263,12 @@ class SpeculativeSpace(SearchSpace):
         if tree.get("kind") != "static":
             return None
         parents = tree["parents"]
-        key = "draft_model" if section["drafter"] == "draft_model" else _skip_key(section["skip_layers"])
+        key = section["drafter"] if section["drafter"] != "layer_skip" else _skip_key(section["skip_layers"])
         acc = self._acceptance(ctx, key, section)
         if acc is None:
             return None
+        if section["drafter"] == "recycle":  # no draft forward: the tree comes from a table lookup
+            return 1 + expected_accepted(parents, acc), verify.ms(len(parents) + 1, kv) + overhead
         draft_curve = self._draft_curve(section, ctx)
         if draft_curve is None:
             return None
@@ -382,6 +393,31 @@ def rank_acceptance(lm: Any, sequences: Sequence[tuple[list[int], list[int]]], m
                 if r < max_rank:
                     counts[r] += 1
             total += len(continuation)
+    return [c / max(total, 1) for c in counts]
+
+
+def recycle_acceptance(model: Any, sequences: Sequence[tuple[list[int], list[int]]],
+                       k: int = RECYCLE_K) -> list[float]:
+    """Positional acceptance of the token-recycling drafter, simulated on the target's greedy continuations:
+    the rank of each next token in the table row of the token before it, where the table holds the target's
+    top-k after the latest earlier occurrence of each token (what the drafter would have recycled then)."""
+    counts = [0] * k
+    total = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for prompt, continuation in sequences:
+            full = prompt + continuation
+            top = model(torch.tensor([full], device=device)).logits[0].topk(k, dim=-1).indices.tolist()
+            table: dict[int, list[int]] = {}
+            for pos in range(len(prompt)):  # the prefill's rows
+                table[full[pos]] = top[pos]
+            for t in range(len(prompt) + 1, len(full)):
+                # drafting full[t] from the root full[t-1], which the target has not run yet
+                row = table.get(full[t - 1])
+                if row is not None and full[t] in row:
+                    counts[row.index(full[t])] += 1
+                total += 1
+                table[full[t - 1]] = top[t - 1]
     return [c / max(total, 1) for c in counts]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from policies.drafters import Draft, Drafter, LayerSkipLM, ModelDrafter, PromptLookupDrafter, trie
+from policies.drafters import Draft, Drafter, LayerSkipLM, ModelDrafter, PromptLookupDrafter, RecycleDrafter, trie
 from policies.speculative import SpeculativeStats, chain, speculative_generate
 from tuner.models import load_model
 
@@ -73,7 +73,8 @@ def test_a_wrong_tree_still_gives_dense_output(tiny):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("drafter_kind", ["draft_model_static", "draft_model_dynamic", "layer_skip", "lookup"])
+@pytest.mark.parametrize("drafter_kind", ["draft_model_static", "draft_model_dynamic", "layer_skip", "lookup",
+                                          "recycle"])
 def test_every_drafter_is_lossless_on_random_models(kind, drafter_kind):
     target = _random_lm(kind)
     if drafter_kind == "draft_model_static":
@@ -83,6 +84,8 @@ def test_every_drafter_is_lossless_on_random_models(kind, drafter_kind):
                                dynamic_topk=2, dynamic_tokens=5)
     elif drafter_kind == "layer_skip":
         drafter = ModelDrafter(LayerSkipLM(target, [1, 2]), SHAPE)
+    elif drafter_kind == "recycle":
+        drafter = RecycleDrafter(SHAPE, k=4)
     else:
         drafter = PromptLookupDrafter(depth=3, candidates=2)
     torch.manual_seed(5)
@@ -91,7 +94,7 @@ def test_every_drafter_is_lossless_on_random_models(kind, drafter_kind):
     stats = SpeculativeStats()
     spec = speculative_generate(target, ids, 30, drafter, min_new_tokens=30, stats=stats)
     assert torch.equal(spec, _dense(target, ids, 30))
-    assert stats.steps < 30 or drafter_kind == "lookup"
+    assert stats.steps < 30 or drafter_kind in ("lookup", "recycle")
 
 
 def test_layer_skip_drafter_is_the_target_without_those_layers_and_restores_it():
@@ -145,3 +148,26 @@ def test_eos_stops_generation_like_dense(tiny):
         dense = tiny.model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0,
                                     attention_mask=torch.ones_like(ids))
     assert torch.equal(spec, dense)
+
+
+def test_recycle_drafter_fills_the_shape_from_the_targets_recycled_top_k():
+    drafter = RecycleDrafter([-1, -1, 0], k=2)
+    vocab = 10
+    logits = torch.zeros(3, vocab)
+    logits[0, [4, 5]] = torch.tensor([2.0, 1.0])  # after token 1: 4 then 5
+    logits[1, [6, 7]] = torch.tensor([2.0, 1.0])  # after token 2: 6 then 7
+    logits[2, [8, 9]] = torch.tensor([2.0, 1.0])  # after token 4: 8 then 9
+    drafter.observe(torch.tensor([1, 2, 4]), logits)
+    assert drafter.propose([0, 1]) == Draft([-1, -1, 0], [4, 5, 8])
+    assert drafter.propose([0, 3]) == Draft([], [])  # nothing recycled for token 3 yet
+    with pytest.raises(ValueError, match="more than the 1 recycled"):
+        RecycleDrafter([-1, -1], k=1)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[1:])
+def test_recycle_output_equals_dense_greedy_on_tiny(tiny, prompt):
+    ids = tiny.tokenizer(prompt, return_tensors="pt").input_ids
+    drafter = RecycleDrafter(SHAPE, k=4)
+    for _ in range(2):  # the table persists: the second call starts warm
+        spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24)
+        assert torch.equal(spec, _dense(tiny.model, ids, 24))

@@ -44,6 +44,8 @@ def _policy(tiny, section):
       "tree": {"kind": "dynamic", "depth": 2, "topk": 2, "tokens": 9}}, "techniques.speculative.tree.tokens"),
     ({"drafter": "layer_skip", "skip_layers": [1], "tree": {"kind": "bushy"}}, "techniques.speculative.tree.kind"),
     ({"drafter": "prompt_lookup", "speed": "max"}, "techniques.speculative.speed: unknown field"),
+    ({"drafter": "recycle", "recycle": {"k": 1}, "tree": TREE}, "techniques.speculative.tree.parents: a node has 2"),
+    ({"drafter": "recycle", "recycle": {"k": 99}, "tree": TREE}, "techniques.speculative.recycle.k"),
 ])
 def test_malformed_sections_are_rejected_with_the_field_named(section, field):
     problems = validate_section(section)
@@ -61,6 +63,7 @@ def test_skip_set_is_checked_against_the_model(tiny):
 @pytest.mark.parametrize("section", [
     {"drafter": "prompt_lookup", "prompt_lookup": {"depth": 4, "candidates": 2}},
     {"drafter": "layer_skip", "skip_layers": [2, 3], "tree": TREE},
+    {"drafter": "recycle", "recycle": {"k": 4}, "tree": TREE},
 ])
 def test_policy_round_trips_through_yaml_and_generates_dense_output(tiny, tmp_path, section):
     path = tmp_path / "p.yaml"
