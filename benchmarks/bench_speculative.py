@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from policies import apply_policy, load_policy_file, policy_to_dict  # noqa: E402
+from policies.drafters import PromptLookupDrafter  # noqa: E402
+from policies.speculative import speculative_generate  # noqa: E402
 from profilers.device import resolve_device, torch_device  # noqa: E402
 from search_spaces import SearchContext, get_search_space  # noqa: E402
 from search_spaces.speculative_peers import hf_speculative_peers  # noqa: E402
@@ -73,6 +75,13 @@ def main() -> None:
         return model.generate(ids, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0, **kw)
 
     variants: dict[str, tuple[Callable[..., torch.Tensor], dict | None]] = {"dense": (dense, None)}
+    never = PromptLookupDrafter(min_ngram=10**9, max_ngram=10**9)  # proposes nothing: the bare loop
+
+    def no_draft(ids, max_new_tokens, min_new_tokens=0, **kw):
+        return speculative_generate(model, ids, max_new_tokens, never, min_new_tokens=min_new_tokens)
+
+    # Our decode loop with no drafts: how much of a speed-up is the leaner loop rather than speculation.
+    variants["autotune loop, no drafts"] = (no_draft, None)
     for peer in hf_speculative_peers(model, {"draft_model": args.draft_model}):
         variants[f"peer:{peer.name}"] = (peer.generate, None)
     space = get_search_space("speculative")

@@ -132,7 +132,11 @@ class RecycleDrafter(Drafter):
     holds, for every token, the target's top-`k` next tokens the last time it ran over that token (any
     position of any prefill or verify forward, accepted or not). A static tree shape is filled from it: the
     j-th child of a node is row(node token)[j]. No draft forward at all, so it pays off wherever the target
-    repeats itself, and the table persists across `generate` calls of one handle (a warm drafter)."""
+    repeats itself.
+
+    The table starts empty for every sequence (filled first by the prompt's prefill). The paper keeps it
+    across queries; here that would let a repeated prompt draft its own earlier continuation, which flatters
+    every benchmark and tuning measurement that repeats a prompt, and makes speed depend on call history."""
 
     def __init__(self, shape: Sequence[int], k: int = 8, vocab_size: int | None = None) -> None:
         self.shape = list(shape)
@@ -148,6 +152,9 @@ class RecycleDrafter(Drafter):
         if max(self._rank, default=0) >= self.k:
             raise ValueError(f"recycle drafter: the tree has a node with {max(self._rank) + 1} children, more "
                              f"than the {self.k} recycled candidates per token")
+
+    def begin(self, input_ids: torch.Tensor) -> None:
+        self.table = {}
 
     def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
         top = logits.topk(self.k, dim=-1).indices.tolist()

@@ -120,13 +120,13 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
     cache = DynamicCache(config=model.config)
     generated: list[int] = []
     with torch.inference_mode():
+        drafter.begin(input_ids)
         prefill = model(input_ids, past_key_values=cache, use_cache=True).logits
         drafter.observe(input_ids[0], prefill[0])
         logits = prefill[:, -1].float()
         _suppress_eos(logits, 0, [], min_new_tokens, eos)
         generated.append(_pick(logits[0], sampling, generator))
         context = input_ids[0].tolist() + generated
-        drafter.begin(input_ids)
         while len(generated) < max_new_tokens and not (eos and generated[-1] in eos):
             draft = drafter.propose(context, sampling, generator)
             n_past = cache.get_seq_length()

@@ -159,6 +159,8 @@ def test_recycle_drafter_fills_the_shape_from_the_targets_recycled_top_k():
     logits[2, [8, 9]] = torch.tensor([2.0, 1.0])  # after token 4: 8 then 9
     drafter.observe(torch.tensor([1, 2, 4]), logits)
     assert drafter.propose([0, 1]) == Draft([-1, -1, 0], [4, 5, 8])
+    drafter.begin(torch.tensor([[0]]))
+    assert drafter.propose([0, 1]) == Draft([], [])  # a new sequence starts from an empty table
     assert drafter.propose([0, 3]) == Draft([], [])  # nothing recycled for token 3 yet
     with pytest.raises(ValueError, match="more than the 1 recycled"):
         RecycleDrafter([-1, -1], k=1)
@@ -168,6 +170,6 @@ def test_recycle_drafter_fills_the_shape_from_the_targets_recycled_top_k():
 def test_recycle_output_equals_dense_greedy_on_tiny(tiny, prompt):
     ids = tiny.tokenizer(prompt, return_tensors="pt").input_ids
     drafter = RecycleDrafter(SHAPE, k=4)
-    for _ in range(2):  # the table persists: the second call starts warm
+    for _ in range(2):  # the table starts empty for each sequence: both calls draft the same way
         spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24)
         assert torch.equal(spec, _dense(tiny.model, ids, 24))
