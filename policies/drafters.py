@@ -174,6 +174,46 @@ class RecycleDrafter(Drafter):
         return draft
 
 
+def merge_drafts(base: Draft, extra: Draft) -> Draft:
+    """`base` with `extra`'s paths added (shared prefixes become shared nodes; new nodes go after base's, so
+    base's node indices are unchanged). Deterministic drafts only: a merged node has no single q row."""
+    if base.q is not None or extra.q is not None:
+        raise ValueError("merge_drafts: only deterministic drafts (no q rows) can be merged")
+    parents, tokens = list(base.parents), list(base.tokens)
+    index = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True))}
+    mapped: dict[int, int] = {}
+    for i, (p, t) in enumerate(zip(extra.parents, extra.tokens, strict=True)):
+        parent = -1 if p == -1 else mapped[p]
+        key = (parent, t)
+        if key not in index:
+            index[key] = len(tokens)
+            parents.append(parent)
+            tokens.append(t)
+        mapped[i] = index[key]
+    return Draft(parents, tokens)
+
+
+class MergedDrafter(Drafter):
+    """Two stateless deterministic drafters in one tree (e.g. token recycling plus prompt lookup): each
+    step verifies both proposals in the same forward, so whichever is right on this text wins."""
+
+    def __init__(self, base: Drafter, extra: Drafter) -> None:
+        self.base, self.extra = base, extra
+
+    def begin(self, input_ids: torch.Tensor) -> None:
+        self.base.begin(input_ids)
+        self.extra.begin(input_ids)
+
+    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        self.base.observe(token_ids, logits)
+        self.extra.observe(token_ids, logits)
+
+    def propose(self, context: Sequence[int], sampling: Sampling | None = None,
+                generator: torch.Generator | None = None) -> Draft:
+        return merge_drafts(self.base.propose(context, sampling, generator),
+                            self.extra.propose(context, sampling, generator))
+
+
 # -- model drafters --------------------------------------------------------------------------------------
 class LayerSkipLM(nn.Module):
     """The target model run with some decoder layers skipped: a draft model that costs no extra weights.

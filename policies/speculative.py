@@ -15,6 +15,7 @@ Policy section (`techniques.speculative`, validated by `validate_section`):
     skip_layers: [2, 3]                    # drafter layer_skip: target layers the draft skips (never 0)
     prompt_lookup: {max_ngram: 3, min_ngram: 1, depth: 5, candidates: 2}   # drafter prompt_lookup
     recycle: {k: 8}                        # drafter recycle: the target's top-k per token, recycled
+                                           # (with a prompt_lookup mapping too: both merged in one tree)
     tree: {kind: static, parents: [-1, -1, 0, 0, 2]}    # model/recycle drafters; j-th child = rank j
     tree: {kind: dynamic, depth: 5, topk: 4, tokens: 8} # EAGLE-2-style dynamic tree
     node_budget: 64                        # most tree tokens per verify forward
@@ -36,6 +37,7 @@ from policies.drafters import (
     Draft,
     Drafter,
     LayerSkipLM,
+    MergedDrafter,
     ModelDrafter,
     PromptLookupDrafter,
     RecycleDrafter,
@@ -203,6 +205,10 @@ def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
         problems += _validate_tree(section.get("tree"), f"{path}.tree", budget)
     if drafter == "recycle":
         problems += _validate_recycle(section, path)
+        if "prompt_lookup" in section:  # recycling plus lookup, merged into one tree
+            tree = section.get("tree") if isinstance(section.get("tree"), dict) else {}
+            n_tree = len(tree.get("parents") or []) if isinstance(tree.get("parents"), list) else 0
+            problems += _validate_lookup(section["prompt_lookup"], f"{path}.prompt_lookup", max(0, budget - n_tree))
     return problems
 
 
@@ -290,7 +296,10 @@ def make_drafter(model: Any, section: dict[str, Any]) -> Drafter:
         return PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section.get("prompt_lookup", {})})
     tree = section["tree"]
     if kind == "recycle":
-        return RecycleDrafter(tree["parents"], k=int(section.get("recycle", {}).get("k", 8)))
+        recycle = RecycleDrafter(tree["parents"], k=int(section.get("recycle", {}).get("k", 8)))
+        if "prompt_lookup" not in section:
+            return recycle
+        return MergedDrafter(recycle, PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section["prompt_lookup"]}))
     if kind == "draft_model":
         device = next(model.parameters()).device
         lm = load_draft_model(section["draft_model"], device)

@@ -107,6 +107,10 @@ class SpeculativeSpace(SearchSpace):
         elif drafter == "recycle":
             section["recycle"] = {"k": RECYCLE_K}
             key = "recycle"
+            if trial.suggest_categorical("speculative.recycle.with_lookup", [False, True]):
+                section["prompt_lookup"] = {"max_ngram": trial.suggest_int("speculative.lookup.max_ngram", 1, 4),
+                                            "depth": trial.suggest_int("speculative.lookup.depth", 1, 12),
+                                            "candidates": 1}
         else:
             n = trial.suggest_int("speculative.skip.n", 1, max(1, n_layers - 2))
             start = trial.suggest_int("speculative.skip.start", 1, max(1, n_layers - n))
@@ -123,7 +127,8 @@ class SpeculativeSpace(SearchSpace):
             trial.suggest_int("speculative.sequoia.budget", 2, MAX_BUDGET, log=True)
             trial.suggest_int("speculative.sequoia.depth", 1, 10)
         parents, provenance = tree_from_params(trial.params, self._acceptance(ctx, key, section))
-        section.update(tree={"kind": "static", "parents": parents}, node_budget=MAX_BUDGET, shape=provenance)
+        extra = section.get("prompt_lookup", {}).get("depth", 0)
+        section.update(tree={"kind": "static", "parents": parents}, node_budget=MAX_BUDGET + extra, shape=provenance)
         return section
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
@@ -250,14 +255,9 @@ class SpeculativeSpace(SearchSpace):
         verify = VerifyCurve(ctx.extras["speculative.verify"])
         overhead = float(ctx.extras.get("speculative.step_overhead_ms", 0.0))
         if section["drafter"] == "prompt_lookup":
-            from policies.drafters import PromptLookupDrafter
-
-            sequences = ctx.extras.get("speculative.sequences") or []
-            if not sequences:
+            if not ctx.extras.get("speculative.sequences"):
                 return None
-            drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
-                                             **section.get("prompt_lookup", {})})
-            tokens, tree_size = lookup_simulation(drafter, sequences)
+            tokens, tree_size = self._lookup_model(section, ctx)
             return tokens, verify.ms(tree_size + 1, kv) + overhead
         tree = section.get("tree", {})
         if tree.get("kind") != "static":
@@ -268,12 +268,25 @@ class SpeculativeSpace(SearchSpace):
         if acc is None:
             return None
         if section["drafter"] == "recycle":  # no draft forward: the tree comes from a table lookup
-            return 1 + expected_accepted(parents, acc), verify.ms(len(parents) + 1, kv) + overhead
+            tokens, size = 1 + expected_accepted(parents, acc), float(len(parents))
+            if "prompt_lookup" in section:  # merged lookup branch: roughly the better of the two, both verified
+                lookup_tokens, lookup_size = self._lookup_model(section, ctx)
+                tokens, size = max(tokens, lookup_tokens), size + lookup_size
+            return tokens, verify.ms(size + 1, kv) + overhead
         draft_curve = self._draft_curve(section, ctx)
         if draft_curve is None:
             return None
         tokens = 1 + expected_accepted(parents, acc)
         return tokens, draft_ms(parents, draft_curve, kv, tokens) + verify.ms(len(parents) + 1, kv) + overhead
+
+    @staticmethod
+    def _lookup_model(section: dict[str, Any], ctx: SearchContext) -> tuple[float, float]:
+        """(tokens per step, mean tree size) of the section's prompt lookup, simulated on the calibration text."""
+        from policies.drafters import PromptLookupDrafter
+
+        drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
+                                         **section.get("prompt_lookup", {})})
+        return lookup_simulation(drafter, ctx.extras.get("speculative.sequences") or [])
 
     def _draft_curve(self, section: dict[str, Any], ctx: SearchContext) -> Any:
         from profilers.verify_profiler import VerifyCurve

@@ -6,7 +6,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from policies.drafters import Draft, Drafter, LayerSkipLM, ModelDrafter, PromptLookupDrafter, RecycleDrafter, trie
+from policies.drafters import (
+    Draft,
+    Drafter,
+    LayerSkipLM,
+    MergedDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    RecycleDrafter,
+    merge_drafts,
+    trie,
+)
 from policies.speculative import SpeculativeStats, chain, speculative_generate
 from tuner.models import load_model
 
@@ -173,3 +183,17 @@ def test_recycle_output_equals_dense_greedy_on_tiny(tiny, prompt):
     for _ in range(2):  # the table starts empty for each sequence: both calls draft the same way
         spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24)
         assert torch.equal(spec, _dense(tiny.model, ids, 24))
+
+
+def test_merged_draft_keeps_base_indices_and_shares_prefixes():
+    base = Draft([-1, 0], [5, 6])
+    extra = chain([5, 7, 8])
+    merged = merge_drafts(base, extra)
+    assert merged == Draft([-1, 0, 0, 2], [5, 6, 7, 8])
+
+
+def test_recycle_plus_lookup_is_lossless_on_tiny(tiny):
+    ids = tiny.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    drafter = MergedDrafter(RecycleDrafter(SHAPE, k=4), PromptLookupDrafter(depth=4))
+    spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24)
+    assert torch.equal(spec, _dense(tiny.model, ids, 24))

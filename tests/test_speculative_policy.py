@@ -64,6 +64,7 @@ def test_skip_set_is_checked_against_the_model(tiny):
     {"drafter": "prompt_lookup", "prompt_lookup": {"depth": 4, "candidates": 2}},
     {"drafter": "layer_skip", "skip_layers": [2, 3], "tree": TREE},
     {"drafter": "recycle", "recycle": {"k": 4}, "tree": TREE},
+    {"drafter": "recycle", "recycle": {"k": 4}, "tree": TREE, "prompt_lookup": {"depth": 4}},
 ])
 def test_policy_round_trips_through_yaml_and_generates_dense_output(tiny, tmp_path, section):
     path = tmp_path / "p.yaml"
