@@ -124,7 +124,10 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
     with torch.inference_mode():
         drafter.begin(input_ids)
         prefill = model(input_ids, past_key_values=cache, use_cache=True).logits
-        drafter.observe(input_ids[0], prefill[0])
+        if prefill.shape[1] == input_ids.shape[1]:  # token retention returns fewer rows: the last is the prompt's
+            drafter.observe(input_ids[0], prefill[0])
+        else:
+            drafter.observe(input_ids[0, -1:], prefill[0, -1:])
         logits = prefill[:, -1].float()
         _suppress_eos(logits, 0, [], min_new_tokens, eos)
         generated.append(_pick(logits[0], sampling, generator))

@@ -210,3 +210,16 @@ def test_compaction_remaps_the_pruned_layers_slots(tiny, prompts):
         gc.collect()
         assert state_ref() is None
         assert len(cache.autotune_compact_listeners) == 1  # still there, inert
+
+
+def test_recycle_drafter_composes_with_token_retention(tiny, prompts):
+    """Token retention returns logits for the kept prompt rows only; the recycling drafter still works."""
+    retention = {"keep": [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]}
+    recycle = {"drafter": "recycle", "recycle": {"k": 4}, "tree": {"kind": "static", "parents": [-1, -1, 0, 1]},
+               "prompt_lookup": {"depth": 3}}
+    ids = prompts[0]
+    with torch.inference_mode():
+        with apply_policy(tiny.model, _policy(tiny.model, token_retention=retention)) as handle:
+            reference = handle.generate(ids, max_new_tokens=16, min_new_tokens=16)
+        with apply_policy(tiny.model, _policy(tiny.model, token_retention=retention, speculative=recycle)) as handle:
+            assert torch.equal(handle.generate(ids, max_new_tokens=16, min_new_tokens=16), reference)
