@@ -181,3 +181,28 @@ def test_report_on_a_broken_policy_file_is_a_one_line_input_error(capsys, tmp_pa
     assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
+
+
+def test_run_uses_a_speculative_policy_and_matches_dense(capsys, tmp_path):
+    from policies import model_fingerprint, policy_from_dict, save_policy
+    from policies.testing import make_policy_dict
+    from tuner.models import load_model
+
+    model = load_model("builtin:tiny").model
+    section = {"drafter": "recycle", "recycle": {"k": 4}, "tree": {"kind": "static", "parents": [-1, -1, 0]},
+               "prompt_lookup": {"depth": 3}}
+    doc = make_policy_dict(model_fingerprint(model), techniques={"speculative": section})
+    doc["model"]["id"] = "builtin:tiny"
+    path = tmp_path / "spec.yaml"
+    save_policy(policy_from_dict(doc), path)
+    prompt = "cycle: red gold red gold red gold |"
+    code, out, err = run_cli(capsys, "run", "--model", "builtin:tiny", "--policy", str(path), "--prompt", prompt,
+                             "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    spec = json.loads(out)
+    assert spec["speculative"]["steps"] >= 1
+    (tmp_path / "empty").mkdir()  # no policy for this device: dense, with a warning
+    code, out, err = run_cli(capsys, "run", "--model", "builtin:tiny", "--policies", str(tmp_path / "empty"),
+                             "--prompt", prompt, "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    assert json.loads(out)["completion"] == spec["completion"]

@@ -197,3 +197,16 @@ def test_recycle_plus_lookup_is_lossless_on_tiny(tiny):
     drafter = MergedDrafter(RecycleDrafter(SHAPE, k=4), PromptLookupDrafter(depth=4))
     spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24)
     assert torch.equal(spec, _dense(tiny.model, ids, 24))
+
+
+def test_builtin_draft_model_is_lossless_on_tiny(tiny):
+    from policies.speculative import load_draft_model
+
+    draft = load_draft_model("builtin:tiny-draft", torch.device("cpu"))
+    ids = tiny.tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    for drafter in (ModelDrafter(draft, SHAPE), ModelDrafter(draft, None, dynamic_depth=5, dynamic_topk=4,
+                                                             dynamic_tokens=8)):
+        stats = SpeculativeStats()
+        spec = speculative_generate(tiny.model, ids, 24, drafter, min_new_tokens=24, stats=stats)
+        assert torch.equal(spec, _dense(tiny.model, ids, 24))
+        assert stats.accepted > 0  # the distilled draft agrees with its target some of the time

@@ -190,9 +190,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(torch_device(device))
     with apply_policy(loaded.model, policy) as tuned:
         out = tuned.generate(input_ids, max_new_tokens=args.max_new_tokens)
+        stats = getattr(tuned.decode_owner, "last_stats", None)  # speculative decoding reports its steps
     text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     if args.json:
-        _print_json({"prompt": args.prompt, "completion": text, "policy": source if policy else None})
+        doc = {"prompt": args.prompt, "completion": text, "policy": source if policy else None}
+        if stats is not None:
+            doc["speculative"] = {"steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
+        _print_json(doc)
     else:
         print(text)
     return EXIT_OK
