@@ -208,8 +208,29 @@ class SpeculativeSpace(SearchSpace):
         ctx.extras["speculative.sequences"] = calibration_sequences(model, tokenizer, device, ctx.workload)
         ctx.extras["speculative.model"] = model
         _save_profile(ctx)
+        self._measure_draft_overheads(ctx, model, device)
         ctx.extras["speculative.step_overhead_ms"] = step_overhead_ms(model, tokenizer, device, ctx.workload,
                                                                       ctx.extras["speculative.verify"])
+
+    def _measure_draft_overheads(self, ctx: SearchContext, model: Any, device: torch.device) -> None:
+        """Per-forward bookkeeping of each model drafter, on the first calibration prompt."""
+        from policies.drafters import LayerSkipLM
+        from profilers.verify_profiler import VerifyCurve
+
+        prompt = ctx.extras["speculative.sequences"][0][0]
+        n_layers = ctx.num_layers
+        if "speculative.skip_all" in ctx.extras:
+            middle = list(range(max(1, n_layers // 4), max(2, 3 * n_layers // 4)))
+            section = {"drafter": "layer_skip", "skip_layers": middle}
+            curve = self._draft_curve(section, ctx)
+            ctx.extras["speculative.layer_skip_overhead_ms"] = draft_overhead_ms(LayerSkipLM(model, middle), prompt,
+                                                                                 curve)
+        if "speculative.draft" in ctx.extras:
+            from policies.speculative import load_draft_model
+
+            lm = load_draft_model(self._draft_spec(ctx), device)
+            ctx.extras["speculative.draft_model_overhead_ms"] = draft_overhead_ms(
+                lm, prompt, VerifyCurve(ctx.extras["speculative.draft"]))
 
     def _acceptance(self, ctx: SearchContext, key: str, section: dict[str, Any]) -> list[float] | None:
         """Positional acceptance vector of a model drafter (cached per drafter in the context)."""
@@ -277,7 +298,9 @@ class SpeculativeSpace(SearchSpace):
         if draft_curve is None:
             return None
         tokens = 1 + expected_accepted(parents, acc)
-        return tokens, draft_ms(parents, draft_curve, kv, tokens) + verify.ms(len(parents) + 1, kv) + overhead
+        per_forward = float(ctx.extras.get(f"speculative.{section['drafter']}_overhead_ms", 0.0))
+        drafting = draft_ms(parents, draft_curve, kv, tokens, per_forward)
+        return tokens, drafting + verify.ms(len(parents) + 1, kv) + overhead
 
     @staticmethod
     def _lookup_model(section: dict[str, Any], ctx: SearchContext) -> tuple[float, float]:
@@ -322,19 +345,46 @@ def _skip_key(skip: Sequence[int]) -> str:
     return "skip:" + ",".join(str(i) for i in skip)
 
 
-def draft_ms(parents: Sequence[int], curve: Any, kv: float, tokens_per_step: float) -> float:
+def draft_ms(parents: Sequence[int], curve: Any, kv: float, tokens_per_step: float,
+             per_forward_overhead_ms: float = 0.0) -> float:
     """Draft time of a static tree: one forward over the pending tokens (about the previous step's accepted
-    tokens that the draft has not seen, plus the root), then one per depth over the nodes that get children."""
+    tokens that the draft has not seen, plus the root), then one per depth over the nodes that get children;
+    each forward also pays the drafter's own bookkeeping (`per_forward_overhead_ms`, measured)."""
     from policies.tree_attention import node_depths
 
     depths = node_depths(parents)
     has_children = {p for p in parents if p != -1}
-    total = curve.ms(max(1.0, tokens_per_step / 2), kv)
+    total = curve.ms(max(1.0, tokens_per_step / 2), kv) + per_forward_overhead_ms
     for depth in range(max(depths, default=-1)):
         fed = sum(1 for i, d in enumerate(depths) if d == depth and i in has_children)
         if fed:
-            total += curve.ms(fed, kv)
+            total += curve.ms(fed, kv) + per_forward_overhead_ms
     return total
+
+
+def draft_overhead_ms(lm: Any, prompt: Sequence[int], curve: Any, depth: int = 4, rounds: int = 12) -> float:
+    """Per-forward time of a `ModelDrafter` beyond its model's profiled forward (tree masks, top-k, cache
+    bookkeeping): chains of `depth` drafted after a growing context, minus what the curve predicts for them.
+    This Python work does not shrink with more threads while the forward does, so it shapes the best tree."""
+    import time
+
+    from policies.drafters import ModelDrafter, Sampling
+
+    drafter = ModelDrafter(lm, chain_tree(depth))
+    context = list(prompt)
+    drafter.begin(torch.tensor([context]))
+    with torch.inference_mode():
+        drafter.propose(context, Sampling(), None)  # the draft's own prefill
+        drafter.commit([])
+        times = []
+        for r in range(rounds):
+            context.append(context[-1 - r])
+            start = time.perf_counter()
+            drafter.propose(context, Sampling(), None)
+            times.append((time.perf_counter() - start) * 1e3)
+            drafter.commit([])
+    predicted = depth * curve.ms(1, len(context))
+    return max(0.0, (statistics.median(times[2:]) - predicted) / depth)
 
 
 def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload: dict[str, Any],
