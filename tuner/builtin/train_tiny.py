@@ -126,6 +126,21 @@ def code_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def lr_scale(step: int, steps: int) -> float:
+    """50 warm-up steps, then cosine decay to 10% at the end of the phase."""
+    return step / 50 if step < 50 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def new_model(tokenizer, shape: dict):
+    """A freshly initialised Llama of `shape` (a MODEL-like dict) for `tokenizer`, seeded like the recipes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                        **shape))
+
+
 def run_phase(model, tokenizer, code_ids: list[int], phase: Phase, log) -> None:
     """One phase, reseeded (torch and data) so that each phase reproduces on its own."""
     torch.manual_seed(0)
@@ -134,9 +149,8 @@ def run_phase(model, tokenizer, code_ids: list[int], phase: Phase, log) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.1)
     start = time.time()
     for step in range(1, phase.steps + 1):
-        warm = step / 50 if step < 50 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / phase.steps))
         for group in opt.param_groups:
-            group["lr"] = phase.lr * warm
+            group["lr"] = phase.lr * lr_scale(step, phase.steps)
         x, w = batches.batch(phase)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=x[:, :-1]).logits
@@ -156,7 +170,7 @@ def run_phase(model, tokenizer, code_ids: list[int], phase: Phase, log) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from tuner.builtin import builtin_checkpoint
 
@@ -167,10 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or builtin_checkpoint("tiny"))
     code_ids = code_token_ids(tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         **MODEL))
+    model = new_model(tokenizer, MODEL)
     for phase in PHASES:
         run_phase(model, tokenizer, code_ids, phase, lambda rec: print(json.dumps(rec), file=sys.stderr, flush=True))
     model.save_pretrained(args.out)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tuner.builtin.train_tiny import PHASES, Batches, Phase, code_token_ids, run_phase
+from tuner.builtin.train_tiny import PHASES, Batches, Phase, code_token_ids, lr_scale, new_model, run_phase
 
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True)
@@ -41,9 +40,8 @@ def distill_phase(student, teacher, tokenizer, code_ids: list[int], phase: Phase
     opt = torch.optim.AdamW(student.parameters(), lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.1)
     start = time.time()
     for step in range(1, phase.steps + 1):
-        warm = step / 50 if step < 50 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / phase.steps))
         for group in opt.param_groups:
-            group["lr"] = phase.lr * warm
+            group["lr"] = phase.lr * lr_scale(step, phase.steps)
         x, w = batches.batch(phase)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             target_lp = torch.log_softmax(teacher(input_ids=x[:, :-1]).logits.float(), -1)
@@ -65,7 +63,7 @@ def distill_phase(student, teacher, tokenizer, code_ids: list[int], phase: Phase
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuner.builtin import builtin_checkpoint
 
@@ -78,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     code_ids = code_token_ids(tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         rms_norm_eps=teacher.config.rms_norm_eps, **MODEL))
+    model = new_model(tokenizer, {**MODEL, "rms_norm_eps": teacher.config.rms_norm_eps})
 
     def log(rec: dict) -> None:
         print(json.dumps(rec), file=sys.stderr, flush=True)
