@@ -24,37 +24,58 @@ DEFAULT_QUERY_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def profile_verify(lm: Any, device: torch.device, n_kv: Sequence[int], n_query: Sequence[int] = DEFAULT_QUERY_TOKENS,
-                   warmup: int = 2, repeats: int = 7, vocab_size: int | None = None) -> list[dict[str, Any]]:
-    """Rows {n_query, n_kv, ms}: median time of a forward over `n_query` chain-masked tokens after `n_kv`
-    cached tokens, followed by compacting the cache back (what one verify step does)."""
-    import time
+                   warmup: int = 2, repeats: int = 7, vocab_size: int | None = None,
+                   passes: int = 2) -> list[dict[str, Any]]:
+    """Rows {n_query, n_kv, ms}: time of a forward over `n_query` chain-masked tokens after `n_kv` cached
+    tokens, followed by compacting the cache back (what one verify step does).
 
+    Robust to a busy machine, because a disturbed curve picks the wrong trees: the grid is measured in
+    `passes` separate sweeps, each point keeps the lowest of its per-sweep medians (interference only ever
+    adds time), and the curve is then made non-decreasing in `n_query` from the right (a forward over more
+    tokens is never faster, so a bump above a later point is noise)."""
     from transformers import DynamicCache
 
     vocab = vocab_size or lm.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    best: dict[tuple[int, int], float] = {}
     with torch.inference_mode():
+        caches = {}
         for kv in n_kv:
-            cache = DynamicCache(config=lm.config)
+            caches[int(kv)] = DynamicCache(config=lm.config)
             prefix = torch.randint(0, vocab, (1, int(kv)), generator=gen).to(device)
-            lm(prefix, past_key_values=cache, use_cache=True)
-            for q in n_query:
-                parents = list(range(-1, int(q) - 1))
-                ids = torch.randint(0, vocab, (1, int(q)), generator=gen).to(device)
-                mask = tree_attention_mask(parents, int(kv), device=device)
-                positions = tree_position_ids(parents, int(kv), device=device)
-                times = []
-                for r in range(warmup + repeats):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    lm(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
-                    compact_cache(cache, int(kv), [])
-                    synchronize(device)
-                    if r >= warmup:
-                        times.append((time.perf_counter() - start) * 1e3)
-                rows.append({"n_query": int(q), "n_kv": int(kv), "ms": statistics.median(times)})
-    return rows
+            lm(prefix, past_key_values=caches[int(kv)], use_cache=True)
+        for _ in range(max(1, passes)):
+            for kv, cache in caches.items():
+                for q in n_query:
+                    ms = _median_forward_ms(lm, cache, kv, int(q), vocab, gen, device, warmup, repeats)
+                    best[(kv, int(q))] = min(ms, best.get((kv, int(q)), float("inf")))
+    rows = []
+    for kv in caches:
+        floor = float("inf")
+        for q in sorted((int(q) for q in n_query), reverse=True):
+            floor = min(floor, best[(kv, q)])
+            rows.append({"n_query": q, "n_kv": kv, "ms": floor})
+    return sorted(rows, key=lambda r: (r["n_kv"], r["n_query"]))
+
+
+def _median_forward_ms(lm: Any, cache: Any, kv: int, q: int, vocab: int, gen: torch.Generator,
+                       device: torch.device, warmup: int, repeats: int) -> float:
+    import time
+
+    parents = list(range(-1, q - 1))
+    ids = torch.randint(0, vocab, (1, q), generator=gen).to(device)
+    mask = tree_attention_mask(parents, kv, device=device)
+    positions = tree_position_ids(parents, kv, device=device)
+    times = []
+    for r in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        lm(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
+        compact_cache(cache, kv, [])
+        synchronize(device)
+        if r >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 class VerifyCurve:

@@ -89,3 +89,16 @@ def keep_schedules(schedules: dict[str, list[float]], path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def verify_curves(rows: pd.DataFrame, path: Path) -> Path:
+    """Speculative decoding's hardware profile: forward latency against tree tokens, per model and KV length."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (model, n_kv), group in rows.groupby(["model", "n_kv"]):
+        group = group.sort_values("n_query")
+        ax.plot(group["n_query"], group["ms"], marker="o", label=f"{model}, {n_kv} KV tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the forward (tree size + 1)")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -78,6 +78,14 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
             curve_section.images.append(figures.layer_latency_bars(largest, fig_dir / f"{stem}-layers.png"))
         curve_section.images.append(figures.latency_curves(curves, fig_dir / f"{stem}-curves.png"))
         sections.append(curve_section)
+    if (artefacts / "speculative-verify.csv").is_file():
+        verify = pd.read_csv(artefacts / "speculative-verify.csv")
+        verify_section = Section("Speculative decoding: verify and draft forward latency on this device")
+        verify_section.paragraphs.append(
+            "How a forward's latency grows with the number of tree tokens decides which trees pay on this device "
+            "(the cost model's input, measured by `profilers.verify_profiler`).")
+        verify_section.images.append(figures.verify_curves(verify, fig_dir / f"{stem}-verify.png"))
+        sections.append(verify_section)
     if (artefacts / "trials.csv").is_file():
         trials = pd.read_csv(artefacts / "trials.csv")
         schedules = _keep_schedules(doc, trials)
@@ -92,8 +100,11 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
             trial_section.images.append(figures.pareto(trials, metric, quality,
                                                        fig_dir / f"{stem}-pareto.png"))
         if "predicted_ms" in trials and trials["predicted_ms"].notna().any():
-            trial_section.images.append(figures.predicted_vs_measured(trials, metric,
-                                                                      fig_dir / f"{stem}-predicted.png"))
+            # Cost hooks predict a latency: the objective itself, or end-to-end latency for tokens/s.
+            predicted_metric = metric if metric.endswith("_ms") else "latency_ms"
+            if predicted_metric in trials and trials[predicted_metric].notna().any():
+                trial_section.images.append(figures.predicted_vs_measured(trials, predicted_metric,
+                                                                          fig_dir / f"{stem}-predicted.png"))
         sections.append(trial_section)
     return sections
 
