@@ -110,3 +110,14 @@ def test_rank_acceptance_of_the_target_against_itself_is_all_rank_zero(tiny):
                                   attention_mask=torch.ones_like(ids))
     acc = rank_acceptance(tiny.model, [(ids[0].tolist(), out[0, ids.shape[1]:].tolist())])
     assert acc[0] == pytest.approx(1.0) and sum(acc[1:]) == 0
+
+
+def test_handle_samples_with_temperature_and_top_p_reproducibly(tiny):
+    section = {"drafter": "layer_skip", "skip_layers": [2, 3], "tree": TREE}
+    ids = tiny.tokenizer("def f(x):\n", return_tensors="pt").input_ids
+    with torch.inference_mode(), apply_policy(tiny.model, _policy(tiny, section)) as handle:
+        outs = [handle.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=0.9,
+                                top_p=0.95, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+        assert outs[0].shape == (1, ids.shape[1] + 12) and torch.equal(outs[0], outs[1])
+        with pytest.raises(ValueError, match="unsupported arguments num_beams"):
+            handle.generate(ids, max_new_tokens=4, num_beams=2)
