@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
+from policies.schema import PolicyError
 from profilers.model_parts import decoder_parts
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -176,3 +178,72 @@ class SparsifiedInputs:
         self._handles = []
         for cache in self._caches:  # drop the last activations the hooks held on to
             cache.clear()
+
+
+# -- policy section and runtime ----------------------------------------------------------------------------------
+NAME = "sparsity"
+SECTION_PATH = f"techniques.{NAME}"
+_FIELDS = ("method", "levels", "thresholds")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
+    """Problems of a `sparsity` section, each with its field path. Shape:
+
+        method: teal | wina
+        levels:     [[qkv, o, gate_up, down], ...]   # per layer: target fraction of zeroed channels, [0, 1)
+        thresholds: [[qkv, o, gate_up, down], ...]   # per layer: the calibrated score thresholds (>= 0)
+
+    The layer count is checked against the model at apply time."""
+    if not isinstance(section, dict):
+        return [f"{path}: must be a mapping, got {type(section).__name__}"]
+    problems = [f"{path}.{k}: unknown field (known: {', '.join(_FIELDS)})" for k in section if k not in _FIELDS]
+    if section.get("method", "teal") not in METHODS:
+        problems.append(f"{path}.method: must be one of {', '.join(METHODS)}, got {section.get('method')!r}")
+    shapes = {}
+    for key, low, high in (("levels", 0.0, 1.0), ("thresholds", 0.0, float("inf"))):
+        rows = section.get(key)
+        if not isinstance(rows, list) or not rows:
+            problems.append(f"{path}.{key}: required, a list with one [{', '.join(GROUPS)}] row per layer")
+            continue
+        shapes[key] = len(rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != len(GROUPS):
+                problems.append(f"{path}.{key}[{i}]: must be a list of {len(GROUPS)} numbers ({', '.join(GROUPS)})")
+                continue
+            for group, value in zip(GROUPS, row, strict=True):
+                if not _is_number(value) or not low <= value < high:
+                    bound = "in [0, 1)" if key == "levels" else ">= 0"
+                    problems.append(f"{path}.{key}[{i}].{group}: must be a number {bound}, got {value!r}")
+    if len(shapes) == 2 and shapes["levels"] != shapes["thresholds"]:
+        problems.append(f"{path}.thresholds: {shapes['thresholds']} layers, but levels has {shapes['levels']}")
+    return problems
+
+
+class SparsityRuntime(TechniqueRuntime):
+    """`techniques.sparsity`: zero each projection group's low-score input channels (masking; the sparse-row
+    kernels of `policies.sparse_kernels` are not dispatched yet, see issue 5)."""
+
+    name = NAME
+    order = 110  # forward hooks on the projections
+
+    def validate(self, section: dict, path: str) -> list[str]:
+        return validate_section(section, path)
+
+    def apply(self, model: nn.Module, section: dict) -> FunctionHandle:
+        problems = validate_section(section)
+        if problems:
+            raise PolicyError(problems)
+        n_layers = len(decoder_parts(model).layers)
+        if len(section["thresholds"]) != n_layers:
+            raise PolicyError(f"{SECTION_PATH}.thresholds: has {len(section['thresholds'])} layers, the model "
+                              f"has {n_layers}")
+        thresholds = [dict(zip(GROUPS, row, strict=True)) for row in section["thresholds"]]
+        hooks = SparsifiedInputs(model, thresholds, method=section.get("method", "teal"))
+        return FunctionHandle(hooks.remove)
+
+
+register_runtime(SparsityRuntime())

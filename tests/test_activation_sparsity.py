@@ -63,3 +63,49 @@ def test_bad_levels_and_layer_counts_are_refused(tiny):
         SparsifiedInputs(tiny.model, [{"qkv": 0.1}])
     with pytest.raises(ValueError, match="unknown activation-sparsity method"):
         calibrate_thresholds(tiny.model, batches, [{}] * 6, method="magic")
+
+
+def _policy(model, section):
+    from policies import model_fingerprint
+    from policies.testing import make_policy_dict
+
+    return make_policy_dict(model_fingerprint(model), techniques={"sparsity": section})
+
+
+@pytest.mark.parametrize("section, field", [
+    ({"method": "teal", "levels": [[0.5, 0.5, 0.5, -0.1]], "thresholds": [[0.1] * 4]},
+     "techniques.sparsity.levels[0].down: must be a number in [0, 1)"),
+    ({"method": "teal", "levels": [[1.0, 0.5, 0.5, 0.5]], "thresholds": [[0.1] * 4]},
+     "techniques.sparsity.levels[0].qkv"),
+    ({"levels": [[0.5] * 4, [0.5] * 4], "thresholds": [[0.1] * 4]}, "techniques.sparsity.thresholds: 1 layers"),
+    ({"levels": [[0.5] * 3], "thresholds": [[0.1] * 4]}, "techniques.sparsity.levels[0]: must be a list of 4"),
+    ({"method": "owl", "levels": [[0.5] * 4], "thresholds": [[0.1] * 4]}, "techniques.sparsity.method"),
+])
+def test_invalid_sections_are_refused_with_the_field_named(section, field):
+    from policies import PolicyError, policy_from_dict
+    from policies.activation_sparsity import validate_section
+    from policies.testing import make_policy_dict
+
+    assert any(p.startswith(field) for p in validate_section(section)), validate_section(section)
+    with pytest.raises(PolicyError, match="techniques.sparsity"):
+        policy_from_dict(make_policy_dict(techniques={"sparsity": section}))
+
+
+def test_policy_applies_and_removes_exactly_and_checks_the_layer_count(tiny, tmp_path):
+    from policies import PolicyError, apply_policy, load_policy_file, policy_from_dict, save_policy
+
+    ids = _batches(tiny.tokenizer, seed=5, n=1)[0]
+    levels = [[0.4] * len(GROUPS)] * 6
+    thresholds = calibrate_thresholds(tiny.model, _batches(tiny.tokenizer, seed=11, n=2),
+                                      [dict(zip(GROUPS, row, strict=True)) for row in levels])
+    section = {"method": "teal", "levels": levels, "thresholds": [[t[g] for g in GROUPS] for t in thresholds]}
+    save_policy(policy_from_dict(_policy(tiny.model, section)), tmp_path / "p.yaml")
+    policy = load_policy_file(tmp_path / "p.yaml")
+    with torch.inference_mode():
+        dense = tiny.model(ids).logits
+        with apply_policy(tiny.model, policy):
+            assert not torch.equal(tiny.model(ids).logits, dense)
+        assert torch.equal(tiny.model(ids).logits, dense)
+    short = dict(section, levels=levels[:2], thresholds=section["thresholds"][:2])
+    with pytest.raises(PolicyError, match="techniques.sparsity.thresholds: has 2 layers, the model has 6"):
+        apply_policy(tiny.model, _policy(tiny.model, short))
