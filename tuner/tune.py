@@ -207,7 +207,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         return TrialOutcome(values=(objective_value, value), constraint=drop - cfg.quality_budget, user_attrs=attrs)
 
     run_trials(handle, evaluate, budget=cfg.budget, timeout_s=cfg.timeout_s, show_progress=cfg.show_progress)
-    trials = handle.study.get_trials(deepcopy=False)
+    # Finished trials only: presets enqueued beyond the budget stay WAITING and are not part of the result.
+    trials = [t for t in handle.study.get_trials(deepcopy=False) if t.state.is_finished()]
     best, met = select_best([t for t in trials if "measured" in t.user_attrs], 0, OBJECTIVES[cfg.objective])
     if best is None:
         raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
