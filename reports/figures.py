@@ -102,3 +102,32 @@ def verify_curves(rows: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("latency (ms)")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def sparsity_levels(levels: dict[str, list[float]], path: Path) -> Path:
+    """Per-layer activation-sparsity levels (mean over projection groups), tuned vs presets."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in levels.items():
+        style = {"linewidth": 2.5, "color": "#cc3311"} if name == "tuned" else {"linestyle": "--"}
+        ax.plot(range(len(values)), values, marker="o", label=name, **style)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("fraction of input channels zeroed")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def kernel_break_even(rows: pd.DataFrame, path: Path) -> Path:
+    """Sparse kernel time relative to the dense GEMV, per projection group, against sparsity (< 1: it pays)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    first = rows[rows["layer"] == rows["layer"].min()]
+    for (group, kernel), frame in first[first["kernel"] != "dense"].groupby(["group", "kernel"]):
+        dense = first[(first["group"] == group) & (first["kernel"] == "dense")].set_index("sparsity")["us"]
+        frame = frame.sort_values("sparsity")
+        ax.plot(frame["sparsity"], frame["us"].to_numpy() / dense.loc[frame["sparsity"]].to_numpy(), marker="o",
+                label=f"{group} ({int(frame['out_features'].iloc[0])}x{int(frame['in_features'].iloc[0])}), {kernel}")
+    ax.axhline(1.0, color="#999999", linestyle="--")
+    ax.set_xlabel("input sparsity")
+    ax.set_ylabel("kernel time / dense time")
+    ax.legend(fontsize=6)
+    return _save(fig, path)

@@ -86,6 +86,20 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
             "(the cost model's input, measured by `profilers.verify_profiler`).")
         verify_section.images.append(figures.verify_curves(verify, fig_dir / f"{stem}-verify.png"))
         sections.append(verify_section)
+    if (artefacts / "sparsity-kernels.csv").is_file():
+        kernels = pd.read_csv(artefacts / "sparsity-kernels.csv")
+        kernel_section = Section("Sparse kernels vs dense on this device (break-even)")
+        kernel_section.paragraphs.append(
+            "Time of one batch-1 product with only the kept input channels' weight rows, relative to the dense "
+            "GEMV, per projection group (measured by `profilers.sparse_profiler`); below 1 the kernel pays.")
+        kernel_section.images.append(figures.kernel_break_even(kernels, fig_dir / f"{stem}-kernels.png"))
+        sections.append(kernel_section)
+    tuned_sparsity = (doc.get("techniques") or {}).get("sparsity")
+    if tuned_sparsity and tuned_sparsity.get("levels"):
+        levels = {"tuned": [sum(row) / len(row) for row in tuned_sparsity["levels"]]}
+        level_section = Section("Activation sparsity per layer")
+        level_section.images.append(figures.sparsity_levels(levels, fig_dir / f"{stem}-sparsity.png"))
+        sections.append(level_section)
     if (artefacts / "trials.csv").is_file():
         trials = pd.read_csv(artefacts / "trials.csv")
         schedules = _keep_schedules(doc, trials)

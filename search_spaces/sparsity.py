@@ -55,6 +55,7 @@ class SparsitySpace(SearchSpace):
         ctx.extras["sparsity.model"] = model
         ctx.extras["sparsity.batches"] = batches
         ctx.extras["sparsity.outliers"] = outlier_ratios(model, batches)
+        _save_kernel_profile(ctx, model)
 
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         n = ctx.num_layers
@@ -94,6 +95,22 @@ class SparsitySpace(SearchSpace):
             presets.append(Preset(f"teal-{round(level * 100)}", params, section,
                                   f"TEAL uniform {round(level * 100)}% on every projection's input"))
         return presets
+
+
+def _save_kernel_profile(ctx: SearchContext, model: Any) -> None:
+    """Profile the sparse kernels against dense for this model's group shapes on this device; keep the rows
+    in the context and write `sparsity-kernels.csv` beside the study (the report plots the break-even)."""
+    import pandas as pd
+
+    from profilers.sparse_profiler import profile_sparse_kernels
+
+    rows = profile_sparse_kernels(model)
+    ctx.extras["sparsity.kernels"] = rows
+    artefacts = ctx.extras.get("artefacts")
+    if artefacts is not None:
+        tmp = artefacts / "sparsity-kernels.csv.tmp"
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        tmp.replace(artefacts / "sparsity-kernels.csv")
 
 
 def outlier_ratios(model: Any, batches: list[torch.Tensor], m: float = OWL_M) -> list[float]:
