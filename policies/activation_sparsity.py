@@ -19,6 +19,7 @@ are computed at inference time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,10 +181,79 @@ class SparsifiedInputs:
             cache.clear()
 
 
+class SparseRowExecution:
+    """Real sparse execution for single-row inputs (decode at batch 1): the chosen groups' linears skip the
+    weight rows of zeroed input channels with a `policies.sparse_kernels` kernel, over the group's weights
+    concatenated and stored transposed (W^T contiguous: one extra copy of those weights), computed once per
+    input and split among the group's linears. Inputs of more than one row run the ordinary dense forward.
+
+    Runs after `SparsifiedInputs`' masking hooks (forward pre-hooks run before `forward`), so the kept
+    channels are exactly the nonzero ones. `remove()` restores every linear's own forward."""
+
+    def __init__(self, model: nn.Module, kernels: Sequence[dict[str, str]]) -> None:
+        from policies.sparse_kernels import KERNELS
+
+        layers = group_linears(model)
+        if len(kernels) != len(layers):
+            raise ValueError(f"kernels: got {len(kernels)} layers, the model has {len(layers)}")
+        self._restore: list[Callable[[], None]] = []
+        self.calls = 0
+        for groups, layer_kernels in zip(layers, kernels, strict=True):
+            for group, kernel in layer_kernels.items():
+                if kernel not in KERNELS:
+                    raise ValueError(f"unknown sparse kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+                if kernel != "dense":
+                    self._install(groups[group], kernel)
+
+    def _install(self, lins: list[nn.Linear], kernel: str) -> None:
+        from policies.sparse_kernels import sparse_mv
+
+        weight = torch.cat([lin.weight.detach() for lin in lins], dim=0)
+        weight_t = weight.t().contiguous()
+        biases = [lin.bias for lin in lins]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device)
+             for b, lin in zip(biases, lins, strict=True)])
+        splits = [lin.out_features for lin in lins]
+        state: dict[str, Any] = {}
+
+        for k, lin in enumerate(lins):
+            own = lin.forward
+            had_instance_forward = "forward" in lin.__dict__
+
+            def forward(x: torch.Tensor, k: int = k, own: Callable[..., torch.Tensor] = own) -> torch.Tensor:
+                if x.numel() != x.shape[-1]:
+                    return own(x)
+                if k == 0 or state.get("source") is not x:
+                    row = x.reshape(-1)
+                    keep = row.nonzero().squeeze(1)
+                    y = sparse_mv(kernel, row, weight, weight_t, keep, bias)
+                    state["source"], state["outs"] = x, y.split(splits)
+                    self.calls += 1
+                return state["outs"][k].reshape(*x.shape[:-1], -1)
+
+            lin.forward = forward
+
+            def restore(lin: nn.Linear = lin, own: Callable[..., torch.Tensor] = own,
+                        had: bool = had_instance_forward) -> None:
+                if had:
+                    lin.forward = own
+                else:
+                    del lin.forward
+                state.clear()
+
+            self._restore.append(restore)
+
+    def remove(self) -> None:
+        for restore in reversed(self._restore):
+            restore()
+        self._restore = []
+
+
 # -- policy section and runtime ----------------------------------------------------------------------------------
 NAME = "sparsity"
 SECTION_PATH = f"techniques.{NAME}"
-_FIELDS = ("method", "levels", "thresholds")
+_FIELDS = ("method", "levels", "thresholds", "kernels")
 
 
 def _is_number(value: object) -> bool:
@@ -196,6 +266,7 @@ def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
         method: teal | wina
         levels:     [[qkv, o, gate_up, down], ...]   # per layer: target fraction of zeroed channels, [0, 1)
         thresholds: [[qkv, o, gate_up, down], ...]   # per layer: the calibrated score thresholds (>= 0)
+        kernels:    [[qkv, o, gate_up, down], ...]   # optional: dense | gather_mv | embedding_bag_mv per group
 
     The layer count is checked against the model at apply time."""
     if not isinstance(section, dict):
@@ -218,14 +289,24 @@ def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
                 if not _is_number(value) or not low <= value < high:
                     bound = "in [0, 1)" if key == "levels" else ">= 0"
                     problems.append(f"{path}.{key}[{i}].{group}: must be a number {bound}, got {value!r}")
+    kernels = section.get("kernels")
+    if kernels is not None:
+        from policies.sparse_kernels import KERNELS
+
+        if not isinstance(kernels, list) or (shapes.get("levels") and len(kernels) != shapes["levels"]):
+            problems.append(f"{path}.kernels: must be a list with one [{', '.join(GROUPS)}] row per layer, like levels")
+        else:
+            for i, row in enumerate(kernels):
+                if not isinstance(row, list) or len(row) != len(GROUPS) or any(k not in KERNELS for k in row):
+                    problems.append(f"{path}.kernels[{i}]: must be {len(GROUPS)} of {', '.join(KERNELS)}, got {row!r}")
     if len(shapes) == 2 and shapes["levels"] != shapes["thresholds"]:
         problems.append(f"{path}.thresholds: {shapes['thresholds']} layers, but levels has {shapes['levels']}")
     return problems
 
 
 class SparsityRuntime(TechniqueRuntime):
-    """`techniques.sparsity`: zero each projection group's low-score input channels (masking; the sparse-row
-    kernels of `policies.sparse_kernels` are not dispatched yet, see issue 5)."""
+    """`techniques.sparsity`: zero each projection group's low-score input channels; groups given a sparse
+    kernel in `kernels` also skip the zeroed channels' weight rows on single-row inputs."""
 
     name = NAME
     order = 110  # forward hooks on the projections
@@ -243,7 +324,16 @@ class SparsityRuntime(TechniqueRuntime):
                               f"has {n_layers}")
         thresholds = [dict(zip(GROUPS, row, strict=True)) for row in section["thresholds"]]
         hooks = SparsifiedInputs(model, thresholds, method=section.get("method", "teal"))
-        return FunctionHandle(hooks.remove)
+        kernels = section.get("kernels")
+        if not kernels:
+            return FunctionHandle(hooks.remove)
+        execution = SparseRowExecution(model, [dict(zip(GROUPS, row, strict=True)) for row in kernels])
+
+        def undo() -> None:
+            execution.remove()
+            hooks.remove()
+
+        return FunctionHandle(undo)
 
 
 register_runtime(SparsityRuntime())

@@ -109,3 +109,45 @@ def test_policy_applies_and_removes_exactly_and_checks_the_layer_count(tiny, tmp
     short = dict(section, levels=levels[:2], thresholds=section["thresholds"][:2])
     with pytest.raises(PolicyError, match="techniques.sparsity.thresholds: has 2 layers, the model has 6"):
         apply_policy(tiny.model, _policy(tiny.model, short))
+
+
+@pytest.mark.parametrize("kernel", ["embedding_bag_mv", "gather_mv"])
+def test_sparse_row_kernels_equal_masking_at_decode_and_remove_restores(tiny, monkeypatch, kernel):
+    from transformers import DynamicCache
+
+    from policies import apply_policy, sparse_kernels
+
+    calls = []
+    real = sparse_kernels.sparse_mv
+    monkeypatch.setattr(sparse_kernels, "sparse_mv", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    levels = [[0.5] * len(GROUPS)] * 6
+    thresholds = calibrate_thresholds(tiny.model, _batches(tiny.tokenizer, seed=11, n=2),
+                                      [dict(zip(GROUPS, row, strict=True)) for row in levels])
+    masking = {"method": "teal", "levels": levels, "thresholds": [[t[g] for g in GROUPS] for t in thresholds]}
+    executing = dict(masking, kernels=[[kernel] * len(GROUPS)] * 6)
+    ids = _batches(tiny.tokenizer, seed=5, n=1)[0][:, :64]
+    with torch.inference_mode():
+        dense = tiny.model(ids).logits
+
+    def decode_step_logits(section):
+        with torch.inference_mode(), apply_policy(tiny.model, _policy(tiny.model, section)):
+            cache = DynamicCache(config=tiny.model.config)
+            tiny.model(ids[:, :-1], past_key_values=cache, use_cache=True)  # several rows: the dense path
+            return tiny.model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+
+    expected = decode_step_logits(masking)
+    assert not calls
+    got = decode_step_logits(executing)
+    assert calls and set(calls) == {kernel}  # the single-row step ran the sparse kernel
+    assert torch.allclose(got, expected, atol=1e-4)
+    lin = tiny.model.model.layers[0].mlp.down_proj
+    assert "forward" not in lin.__dict__  # the linear's own forward is back
+    with torch.inference_mode():
+        assert torch.equal(tiny.model(ids).logits, dense)
+
+
+def test_kernels_field_is_validated():
+    from policies.activation_sparsity import validate_section
+
+    section = {"levels": [[0.5] * 4], "thresholds": [[0.1] * 4], "kernels": [["dense", "triton", "dense", "dense"]]}
+    assert any(p.startswith("techniques.sparsity.kernels[0]") for p in validate_section(section))
