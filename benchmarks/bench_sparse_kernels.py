@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -24,20 +22,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from policies.sparse_kernels import embedding_bag_mv, gather_mv, magnitude_keep  # noqa: E402
+from profilers.sparse_profiler import median_us  # noqa: E402
 
 SHAPES = ((688, 256), (256, 688), (1376, 512), (512, 1376), (11008, 4096), (4096, 11008))
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def median_us(repeats: int, fn, *args) -> float:
-    for _ in range(10):
-        fn(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:

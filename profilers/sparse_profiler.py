@@ -22,7 +22,8 @@ from policies.sparse_kernels import embedding_bag_mv, gather_mv, magnitude_keep
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def _median_us(repeats: int, fn: Any, *args: Any) -> float:
+def median_us(repeats: int, fn: Any, *args: Any) -> float:
+    """Median wall time of `fn(*args)` in microseconds, after 5 warm-up calls."""
     for _ in range(5):
         fn(*args)
     times = []
@@ -56,12 +57,12 @@ def _measure(weight: torch.Tensor, sparsities: Sequence[float], repeats: int,
     out_features, in_features = weight.shape
     weight_t = weight.t().contiguous()
     x = torch.randn(in_features, generator=gen).to(weight.device)
-    dense = _median_us(repeats, F.linear, x, weight)
+    dense = median_us(repeats, F.linear, x, weight)
     rows = []
     for s in sparsities:
         keep = magnitude_keep(x, float(x.abs().quantile(s)) if s > 0 else -1.0)
         for kernel, fn in (("dense", None), ("gather_mv", gather_mv), ("embedding_bag_mv", embedding_bag_mv)):
-            us = dense if fn is None else _median_us(repeats, fn, x, weight_t, keep)
+            us = dense if fn is None else median_us(repeats, fn, x, weight_t, keep)
             rows.append({"out_features": out_features, "in_features": in_features, "sparsity": s,
                          "kernel": kernel, "us": us})
     return rows

@@ -78,17 +78,25 @@ def predicted_vs_measured(trials: pd.DataFrame, metric: str, path: Path) -> Path
     return _save(fig, path)
 
 
-def keep_schedules(schedules: dict[str, list[float]], path: Path) -> Path:
-    """Token-retention schedules: fraction of prompt tokens each layer keeps, tuned vs presets."""
+def _per_layer(series: dict[str, list[float]], ylabel: str, path: Path, step: bool) -> Path:
+    """One line per named per-layer series, the tuned one highlighted."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, keep in schedules.items():
+    for name, values in series.items():
         style = {"linewidth": 2.5, "color": "#cc3311"} if name == "tuned" else {"linestyle": "--"}
-        ax.step(range(len(keep)), keep, where="mid", marker="o", label=name, **style)
+        if step:
+            ax.step(range(len(values)), values, where="mid", marker="o", label=name, **style)
+        else:
+            ax.plot(range(len(values)), values, marker="o", label=name, **style)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("fraction of prompt kept")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def keep_schedules(schedules: dict[str, list[float]], path: Path) -> Path:
+    """Token-retention schedules: fraction of prompt tokens each layer keeps, tuned vs presets."""
+    return _per_layer(schedules, "fraction of prompt kept", path, step=True)
 
 
 def verify_curves(rows: pd.DataFrame, path: Path) -> Path:
@@ -106,15 +114,7 @@ def verify_curves(rows: pd.DataFrame, path: Path) -> Path:
 
 def sparsity_levels(levels: dict[str, list[float]], path: Path) -> Path:
     """Per-layer activation-sparsity levels (mean over projection groups), tuned vs presets."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, values in levels.items():
-        style = {"linewidth": 2.5, "color": "#cc3311"} if name == "tuned" else {"linestyle": "--"}
-        ax.plot(range(len(values)), values, marker="o", label=name, **style)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("fraction of input channels zeroed")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _per_layer(levels, "fraction of input channels zeroed", path, step=False)
 
 
 def kernel_break_even(rows: pd.DataFrame, path: Path) -> Path:
