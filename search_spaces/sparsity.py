@@ -11,9 +11,13 @@ calibration at inference time.
 
 Presets: TEAL uniform 40% and 50% (the paper's headline levels).
 
-Not yet here (issue 5): TEAL's greedy per-projection allocation, a cost hook from profiled sparse-kernel
-latency (on `builtin:tiny` the sparse kernels never beat the dense GEMV below 90% sparsity, see
-`benchmarks/RESULTS.md`, so the runtime only masks), and weight sparsity.
+Kernels: `prepare` profiles the sparse-row kernels against the dense GEMV for this model's group shapes on
+this device (`profilers.sparse_profiler`); a section gets a `kernels` row per layer naming, for each group, the
+kernel measured fastest at its level (`choose_kernels`), and none when dense wins everywhere (the usual case
+for `builtin:tiny` on a CPU, see `benchmarks/RESULTS.md`).
+
+Not yet here (issue 5): TEAL's greedy per-projection allocation, a cost hook (it needs the masking cost as
+well as the kernel profile), and weight sparsity.
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ class SparsitySpace(SearchSpace):
         thresholds = calibrate_thresholds(model, batches, [dict(zip(GROUPS, row, strict=True)) for row in rows],
                                           method=method)
         section["thresholds"] = [[round(t.get(g, 0.0), 6) for g in GROUPS] for t in thresholds]
+        profile = ctx.extras.get("sparsity.kernels")
+        if profile:
+            kernels = choose_kernels(profile, rows)
+            if any(k != "dense" for row in kernels for k in row):
+                section["kernels"] = kernels
         return section
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
@@ -95,6 +104,28 @@ class SparsitySpace(SearchSpace):
             presets.append(Preset(f"teal-{round(level * 100)}", params, section,
                                   f"TEAL uniform {round(level * 100)}% on every projection's input"))
         return presets
+
+
+def choose_kernels(profile: list[dict[str, Any]], levels: list[list[float]]) -> list[list[str]]:
+    """Per layer and group, the fastest kernel measured on this device at the highest profiled sparsity not
+    above the group's level (a conservative reading: the real level is at least that sparse); `dense` unless
+    a sparse kernel beat the dense GEMV there."""
+    table: dict[tuple[int, str], dict[float, dict[str, float]]] = {}
+    for r in profile:
+        table.setdefault((int(r["layer"]), r["group"]), {}).setdefault(float(r["sparsity"]), {})[r["kernel"]] = r["us"]
+    out = []
+    for layer, row in enumerate(levels):
+        choices = []
+        for group, level in zip(GROUPS, row, strict=True):
+            points = table.get((layer, group), {})
+            below = [s for s in points if s <= level]
+            if level <= 0 or not below:
+                choices.append("dense")
+                continue
+            times = points[max(below)]
+            choices.append(min(times, key=times.get))
+        out.append(choices)
+    return out
 
 
 def _save_kernel_profile(ctx: SearchContext, model: Any) -> None:

@@ -30,3 +30,18 @@ def test_tune_writes_a_valid_sparsity_policy_with_teal_presets_first(tmp_path):
     assert validate_section(section) == [] and len(section["thresholds"]) == 6
     trials = pd.read_csv(result.artefacts_dir / "trials.csv")
     assert list(trials["preset"][:2]) == ["sparsity:teal-40", "sparsity:teal-50"]
+
+
+def test_kernels_are_chosen_from_the_device_profile():
+    from search_spaces.sparsity import choose_kernels
+
+    def rows(group, s, dense, ebag):
+        return [{"layer": 0, "group": group, "sparsity": s, "kernel": "dense", "us": dense},
+                {"layer": 0, "group": group, "sparsity": s, "kernel": "embedding_bag_mv", "us": ebag},
+                {"layer": 0, "group": group, "sparsity": s, "kernel": "gather_mv", "us": 99.0}]
+
+    profile = rows("gate_up", 0.5, 10.0, 12.0) + rows("gate_up", 0.7, 10.0, 8.0) + rows("down", 0.7, 10.0, 11.0)
+    # gate_up at 0.75 reads the 0.7 point (sparse wins); at 0.6 the 0.5 point (dense wins); down never wins;
+    # qkv has no profile; level 0 is dense whatever the profile says.
+    assert choose_kernels(profile, [[0.8, 0.0, 0.75, 0.9]]) == [["dense", "dense", "embedding_bag_mv", "dense"]]
+    assert choose_kernels(profile, [[0.0, 0.0, 0.6, 0.0]]) == [["dense", "dense", "dense", "dense"]]
