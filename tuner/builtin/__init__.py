@@ -11,8 +11,9 @@ training takes ~15 minutes of a quiet 2-core CPU (and much longer on a busy one)
 first-use budget, and CI must not spend its time training. ``checkpoints/tiny/train_meta.json`` records the
 recipe, the wall time and the accuracies measured on the committed weights.
 
-Adding a model (``tiny-draft``, ``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe in
-``tuner/builtin/train.py``.  This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
+``builtin:tiny-draft`` (2 layers, hidden 128, same tokenizer) is ``builtin:tiny``'s speculative-decoding
+draft, trained by ``python -m tuner.builtin.train_tiny_draft OUT`` (the same phases, then distillation).
+Adding a model (``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe module.  This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
 (plain ``AutoModelForCausalLM.from_pretrained(builtin_checkpoint(name))``).
 """
 
