@@ -13,7 +13,8 @@ recipe, the wall time and the accuracies measured on the committed weights.
 
 ``builtin:tiny-draft`` (2 layers, hidden 128, same tokenizer) is ``builtin:tiny``'s speculative-decoding
 draft, trained by ``python -m tuner.builtin.train_tiny_draft OUT`` (the same phases, then distillation).
-Adding a model (``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe module.  This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
+Adding a model (``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe module.
+This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
 (plain ``AutoModelForCausalLM.from_pretrained(builtin_checkpoint(name))``).
 """
 
