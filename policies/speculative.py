@@ -48,6 +48,7 @@ from policies.schema import PolicyError
 from policies.tree_attention import (
     accept_greedy,
     compact_cache,
+    node_depths,
     tree_attention_mask,
     tree_position_ids,
     validate_parents,
@@ -69,8 +70,11 @@ class SpeculativeStats:
 
     steps: int = 0
     drafted: int = 0
-    accepted: int = 0
     accepted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_step)
 
     @property
     def mean_accepted(self) -> float:
@@ -92,12 +96,13 @@ def _verify_inputs(root: int, draft: Draft, n_past: int, device: torch.device,
             tree_position_ids(parents, n_past, device=device))
 
 
-def _suppress_eos(logits: torch.Tensor, first_index: int, depths: Sequence[int], min_new: int,
+def _suppress_eos(logits: torch.Tensor, first_index: int, parents: Sequence[int], min_new: int,
                   eos: Sequence[int]) -> None:
-    """Like HF's min_new_tokens: no EOS where the row's token would be generated token number < min_new."""
+    """Like HF's min_new_tokens: no EOS where the row's token would be generated token number < min_new
+    (row 0 is the root, the others the tree nodes of `parents`)."""
     if not eos or first_index >= min_new:
         return
-    rows = [0] + [d + 1 for d in depths]
+    rows = [0] + [d + 1 for d in node_depths(parents)]
     for r, offset in enumerate(rows):
         if first_index + offset < min_new:
             logits[r, list(eos)] = -float("inf")
@@ -109,8 +114,6 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
                          stats: SpeculativeStats | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens after `input_ids` (batch 1); returns prompt + new tokens."""
     from transformers import DynamicCache
-
-    from policies.tree_attention import node_depths
 
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding runs at batch 1, got input of shape {tuple(input_ids.shape)}")
@@ -139,14 +142,13 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
             out = model(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
             rows = out.logits[0].float()
             drafter.observe(ids[0], rows)
-            _suppress_eos(rows, len(generated), node_depths(draft.parents), min_new_tokens, eos)
+            _suppress_eos(rows, len(generated), draft.parents, min_new_tokens, eos)
             accepted, bonus = _accept(draft, rows, sampling, generator)
             compact_cache(cache, n_past, [0] + [i + 1 for i in accepted])
             drafter.commit(accepted)
             new = [draft.tokens[i] for i in accepted] + [bonus]
             stats.steps += 1
             stats.drafted += len(draft)
-            stats.accepted += len(accepted)
             stats.accepted_per_step.append(len(accepted))
             if eos:
                 stop = next((k for k, t in enumerate(new) if t in eos), None)
@@ -292,6 +294,15 @@ def load_draft_model(spec: str, device: torch.device) -> Any:
     return _DRAFT_MODELS[key]
 
 
+def draft_for(spec: str, target: Any) -> Any:
+    """The draft model `spec` on `target`'s device, checked to share its vocabulary (ValueError otherwise)."""
+    draft = load_draft_model(spec, next(target.parameters()).device)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft model {spec} has vocabulary {draft.config.vocab_size}, the target "
+                         f"{target.config.vocab_size}: not the same tokenizer")
+    return draft
+
+
 def make_drafter(model: Any, section: dict[str, Any]) -> Drafter:
     """The drafter a validated section describes, checked against the target `model`."""
     kind = section["drafter"]
@@ -304,11 +315,10 @@ def make_drafter(model: Any, section: dict[str, Any]) -> Drafter:
             return recycle
         return MergedDrafter(recycle, PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section["prompt_lookup"]}))
     if kind == "draft_model":
-        device = next(model.parameters()).device
-        lm = load_draft_model(section["draft_model"], device)
-        if lm.config.vocab_size != model.config.vocab_size:
-            raise PolicyError(f"{SECTION_PATH}.draft_model: {section['draft_model']} has vocabulary "
-                              f"{lm.config.vocab_size}, the target {model.config.vocab_size}: not the same tokenizer")
+        try:
+            lm = draft_for(section["draft_model"], model)
+        except ValueError as exc:  # unknown/missing checkpoint (ModelSpecError) or another tokenizer
+            raise PolicyError(f"{SECTION_PATH}.draft_model: {exc}") from None
     else:
         n_layers = model.config.num_hidden_layers
         if max(section["skip_layers"]) >= n_layers or len(section["skip_layers"]) >= n_layers:

@@ -202,9 +202,10 @@ class SpeculativeSpace(SearchSpace):
                                                                 vocab_size=model.config.vocab_size)
         draft = self._draft_spec(ctx)
         if draft is not None:
-            from policies.speculative import load_draft_model
+            from policies.speculative import draft_for
 
-            ctx.extras["speculative.draft"] = profile_verify(load_draft_model(draft, device), device, kv)
+            # Checked first: a --draft-model with another tokenizer fails here, in one line, before any trial.
+            ctx.extras["speculative.draft"] = profile_verify(draft_for(draft, model), device, kv)
         ctx.extras["speculative.sequences"] = calibration_sequences(model, tokenizer, device, ctx.workload)
         ctx.extras["speculative.model"] = model
         _save_profile(ctx)

@@ -4,7 +4,8 @@
 and quality harness, so the policy's tree decoding is compared with what a user gets from the library:
 
 - `hf-assisted`: assisted generation (`model.generate(..., assistant_model=DRAFT)`) with the policy's draft
-  model (`section["draft_model"]`, default `builtin:tiny-draft`) and the library's assistant defaults (in
+  model (`section["draft_model"]`; the speculative search space fills in the draft known for the target;
+  no draft, no `hf-assisted`) and the library's assistant defaults (in
   transformers 5: `num_assistant_tokens=20`, schedule `"constant"`, `assistant_confidence_threshold=0.4`;
   the installed version's values are recorded in the peer's `source`);
 - `hf-prompt-lookup`: prompt lookup decoding (`prompt_lookup_num_tokens=10`, the documented default, and
@@ -17,17 +18,15 @@ floating-point ties between a multi-token verify forward and one-token decode st
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
 
 from search_spaces.base import Peer
 
-DEFAULT_DRAFT = "builtin:tiny-draft"
 PROMPT_LOOKUP_NUM_TOKENS = 10  # transformers' documented default for prompt lookup decoding
 
-__all__ = ["DEFAULT_DRAFT", "PROMPT_LOOKUP_NUM_TOKENS", "hf_speculative_peers"]
+__all__ = ["PROMPT_LOOKUP_NUM_TOKENS", "hf_speculative_peers"]
 
 
 def _pad_token_id(model: Any) -> int:
@@ -63,31 +62,6 @@ def _assistant_settings(draft: Any) -> str:
     return ", ".join(f"{name}={getattr(config, name, None)}" for name in names)
 
 
-def _load_draft(model: Any, section: dict[str, Any]) -> tuple[str, Any] | None:
-    """(spec, draft LM) for `hf-assisted`; None (warned) when the default draft does not fit this model. A
-    draft the section names explicitly must load and share the target's vocabulary, else ValueError."""
-    from policies.speculative import load_draft_model
-
-    spec = section.get("draft_model") or DEFAULT_DRAFT
-    explicit = bool(section.get("draft_model"))
-    device = next(model.parameters()).device
-    try:
-        draft = load_draft_model(spec, device)
-    except (OSError, ValueError) as exc:  # ModelSpecError is a ValueError
-        if explicit:
-            raise
-        warnings.warn(f"peer hf-assisted skipped: default draft model {spec} unavailable ({exc})", stacklevel=3)
-        return None
-    draft_vocab, target_vocab = draft.config.vocab_size, model.config.vocab_size
-    if draft_vocab != target_vocab:
-        message = f"draft model {spec} has vocabulary {draft_vocab}, the target {target_vocab}"
-        if explicit:
-            raise ValueError(f"peer hf-assisted: {message}: not the same tokenizer")
-        warnings.warn(f"peer hf-assisted skipped: default {message}", stacklevel=3)
-        return None
-    return spec, draft
-
-
 def hf_speculative_peers(model: Any, section: dict[str, Any], draft_model: Any = None) -> list[Peer]:
     """`hf-assisted` (with the section's draft model, or `draft_model` when given) and `hf-prompt-lookup`.
 
@@ -97,10 +71,13 @@ def hf_speculative_peers(model: Any, section: dict[str, Any], draft_model: Any =
 
     version = f"transformers {transformers.__version__}"
     peers = []
+    found: tuple[str, Any] | None = None
     if draft_model is not None:
-        found: tuple[str, Any] | None = (type(draft_model).__name__, draft_model)
-    else:
-        found = _load_draft(model, section)
+        found = (type(draft_model).__name__, draft_model)
+    elif section.get("draft_model"):  # must load and share the target's vocabulary (ValueError otherwise)
+        from policies.speculative import draft_for
+
+        found = (section["draft_model"], draft_for(section["draft_model"], model))
     if found is not None:
         spec, draft = found
         peers.append(Peer("hf-assisted", _greedy_generate(model, assistant_model=draft),

@@ -17,7 +17,7 @@ import search_spaces
 from policies import model_fingerprint, policy_from_dict
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime, unregister_runtime
 from policies.testing import make_policy_dict, tiny_llama
-from search_spaces import Peer, SearchContext, SearchSpace, speculative_peers
+from search_spaces import Peer, SearchContext, SearchSpace
 from search_spaces.speculative_peers import hf_speculative_peers
 from tuner.bench import Variant, run_bench
 from tuner.models import load_model
@@ -126,10 +126,8 @@ def test_hf_assisted_equals_dense_greedy_random_llama(draft_kind):
             assert torch.equal(assisted.generate(ids, max_new_tokens=24, min_new_tokens=24, pad_token_id=0), ref)
 
 
-def test_draft_resolution(tiny, monkeypatch):
-    monkeypatch.setattr(speculative_peers, "DEFAULT_DRAFT", "builtin:no-such-draft")
-    with pytest.warns(UserWarning, match="hf-assisted skipped"):
-        peers = hf_speculative_peers(tiny.model, {"drafter": "prompt_lookup"})
+def test_draft_resolution(tiny):
+    peers = hf_speculative_peers(tiny.model, {"drafter": "prompt_lookup"})  # no draft named: no assisted peer
     assert [p.name for p in peers] == ["hf-prompt-lookup"]
     with pytest.raises(ValueError, match="no-such"):  # a draft the policy names must exist
         hf_speculative_peers(tiny.model, {"draft_model": "builtin:no-such"})

@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="builtin:tiny", help="builtin:NAME or a local HF checkpoint directory")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or a device id (default: first GPU, "
-                                                      "else the CPU)")
+        p.add_argument("--device", default=None, help="cpu, cpu:Nt (N threads), cuda, cuda:N or a device id "
+                                                      "(default: first GPU, else the CPU)")
 
     def quality_opts(p: argparse.ArgumentParser, examples: int) -> None:
         p.add_argument("--tasks", default="needle,pattern", help="built-in tasks scored for quality")
