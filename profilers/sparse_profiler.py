@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.activation_sparsity import group_linears
-from policies.sparse_kernels import embedding_bag_mv, gather_mv, magnitude_keep
+from policies.sparse_kernels import SPARSE_KERNELS, magnitude_keep
 
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -61,7 +61,7 @@ def _measure(weight: torch.Tensor, sparsities: Sequence[float], repeats: int,
     rows = []
     for s in sparsities:
         keep = magnitude_keep(x, float(x.abs().quantile(s)) if s > 0 else -1.0)
-        for kernel, fn in (("dense", None), ("gather_mv", gather_mv), ("embedding_bag_mv", embedding_bag_mv)):
+        for kernel, fn in (("dense", None), *SPARSE_KERNELS.items()):
             us = dense if fn is None else median_us(repeats, fn, x, weight_t, keep)
             rows.append({"out_features": out_features, "in_features": in_features, "sparsity": s,
                          "kernel": kernel, "us": us})

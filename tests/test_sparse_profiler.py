@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from policies.testing import tiny_llama
+from policies.sparse_kernels import KERNELS
 from profilers.sparse_profiler import break_even, profile_sparse_kernels
 
 
 def test_profile_covers_every_layer_group_sparsity_and_kernel():
     rows = profile_sparse_kernels(tiny_llama(layers=2), sparsities=(0.0, 0.5), repeats=3)
     keys = {(r["layer"], r["group"], r["sparsity"], r["kernel"]) for r in rows}
-    assert len(keys) == len(rows) == 2 * 4 * 2 * 3
+    assert len(keys) == len(rows) == 2 * 4 * 2 * len(KERNELS)  # layers x groups x sparsities x kernels
     assert all(r["us"] > 0 for r in rows)
     # layers share shapes: the second layer's numbers are the first layer's measurement
     first = {(r["group"], r["sparsity"], r["kernel"]): r["us"] for r in rows if r["layer"] == 0}
