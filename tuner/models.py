@@ -1,5 +1,7 @@
 """Model loading: `builtin:NAME` checkpoints shipped with the package, or a local Hugging Face directory.
 
+A few built-ins are generated from the shipped ones on first use into a cache directory (see `tuner.builtin`).
+
 Nothing is ever fetched from a model hub: this tool runs on machines (and CI) without one, so every load
 is `local_files_only=True` and a missing model is a clear input error, not a network timeout.
 """
@@ -7,6 +9,7 @@ is `local_files_only=True` and a missing model is a clear input error, not a net
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,14 @@ def resolve_model_path(spec: str) -> Path:
         if name not in BUILTIN_MODELS:
             known = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
             raise ModelSpecError(f"unknown built-in model {spec!r}; known: {known}")
-        path = Path(builtin_checkpoint(name))
+        entry = BUILTIN_MODELS[name]
+        if entry.generated_by and not (entry.checkpoint / "config.json").is_file():
+            # a pause of seconds and ~hundreds of MB on disk deserve a word (stderr: stdout is for results)
+            print(f"generating {spec} into {entry.checkpoint} (first use only)", file=sys.stderr, flush=True)
+        try:
+            path = Path(builtin_checkpoint(name))
+        except OSError as exc:  # missing committed weights, unwritable cache, full disk...
+            raise ModelSpecError(f"built-in model {spec!r} is not available: {exc}") from exc
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"built-in model {spec!r} has no checkpoint at {path}")
         return path

@@ -13,6 +13,16 @@ recipe, the wall time and the accuracies measured on the committed weights.
 
 ``builtin:tiny-draft`` (2 layers, hidden 128, same tokenizer) is ``builtin:tiny``'s speculative-decoding
 draft, trained by ``python -m tuner.builtin.train_tiny_draft OUT`` (the same phases, then distillation).
+
+``builtin:tiny-wide`` is ``builtin:tiny`` widened 4x by Net2Net (:mod:`tuner.builtin.widen`: hidden 1024,
+16 heads / 8 KV heads, ~74M parameters): the same function, so the same quality by construction, but with
+matrices large enough that matmuls dominate decode on a CPU (for sparse kernels and other compute-bound
+techniques, which tiny's overhead-bound decode can never reward).  At ~280 MB fp32 it is too big to
+commit, and generating it takes seconds, so it is *generated*: its entry names the function
+(``generated_by``) that :func:`builtin_checkpoint` calls to materialise it, atomically, into the cache
+(``$AUTOTUNE_CACHE``, else ``~/.cache/autotune``, under ``builtin/NAME``) the first time it is resolved.
+Listing the registry never generates anything.
+
 Adding a model (``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe module.
 This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
 (plain ``AutoModelForCausalLM.from_pretrained(builtin_checkpoint(name))``).
@@ -20,6 +30,8 @@ This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,24 +41,34 @@ __all__ = [
     "CHECKPOINT_ROOT",
     "UnknownBuiltinModel",
     "builtin_checkpoint",
+    "cache_root",
     "get_builtin_model",
     "list_builtin_models",
 ]
 
 PREFIX = "builtin:"
 CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
+CACHE_ENV = "AUTOTUNE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where generated checkpoints live: ``$AUTOTUNE_CACHE``, else ``~/.cache/autotune`` (read on every call)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autotune").expanduser()
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """One built-in model: where its checkpoint lives and how it is (re)trained."""
+    """One built-in model: where its checkpoint lives and how it is (re)trained or generated."""
 
     name: str
     description: str
     kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM); later e.g. "masked-diffusion"
     train_recipe: str = ""  # key of tuner.builtin.train.RECIPES; `python -m tuner.builtin.train NAME`
-    train_module: str = "tuner.builtin.train"  # the module whose main() trains it
+    train_module: str = "tuner.builtin.train"  # the module whose main() trains (or generates) it
     tasks: tuple[str, ...] = ()  # built-in tasks (tuner.tasks) it is trained for
+    # "module:function" writing the checkpoint to the directory it is given, for models generated on first
+    # use into the cache instead of committed; "" for committed checkpoints
+    generated_by: str = ""
 
     @property
     def spec(self) -> str:
@@ -54,7 +76,16 @@ class BuiltinModel:
 
     @property
     def checkpoint(self) -> Path:
+        """The checkpoint directory (committed, or in the cache for generated models; may not exist yet)."""
+        if self.generated_by:
+            return cache_root() / "builtin" / self.name
         return CHECKPOINT_ROOT / self.name
+
+    def generate(self) -> Path:
+        """Materialise a generated model's checkpoint at :attr:`checkpoint` (the generator writes atomically)."""
+        module, _, function = self.generated_by.partition(":")
+        getattr(importlib.import_module(module), function)(self.checkpoint)
+        return self.checkpoint
 
     @property
     def train_command(self) -> str:
@@ -86,6 +117,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         train_module="tuner.builtin.train_tiny_draft",
         tasks=("needle", "pattern", "code"),
     ),
+    "tiny-wide": BuiltinModel(
+        name="tiny-wide",
+        description=(
+            "builtin:tiny widened 4x by Net2Net (hidden 1024, 16 heads / 8 KV heads, ~74M params): the same "
+            "function and quality, with compute-bound matmuls; generated into the cache on first use (~280 MB)"
+        ),
+        kind="causal-lm",
+        train_module="tuner.builtin.widen",
+        tasks=("needle", "needle-2k", "pattern", "code"),
+        generated_by="tuner.builtin.widen:materialize_wide",
+    ),
 }
 
 
@@ -114,11 +156,14 @@ def get_builtin_model(name: str) -> BuiltinModel:
 def builtin_checkpoint(name: str) -> Path:
     """Directory of the Hugging Face checkpoint of built-in model ``name`` (``"tiny"`` or ``"builtin:tiny"``).
 
-    Raises :class:`UnknownBuiltinModel` for unknown names and ``FileNotFoundError`` (naming the training
-    command) when the checkpoint directory is missing.
+    A generated model (``generated_by``) is materialised into the cache first if missing, which takes seconds
+    once.  Raises :class:`UnknownBuiltinModel` for unknown names and ``FileNotFoundError`` (naming the
+    training command) when a committed checkpoint directory is missing.
     """
     entry = get_builtin_model(name)
     path = entry.checkpoint
+    if entry.generated_by and not (path / "config.json").is_file():
+        entry.generate()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"checkpoint of {entry.spec} not found at {path}; train it with `{entry.train_command}`"
