@@ -32,7 +32,8 @@ __all__ = [
 
 #: Modules that define (and register) the built-in technique runtimes. One line per technique.
 _BUILTIN_RUNTIME_MODULES: tuple[str, ...] = ("policies.token_retention", "policies.speculative",
-                                                "policies.activation_sparsity")
+                                                "policies.activation_sparsity",
+                                                "policies.weight_sparsity")
 
 #: Application order of a runtime that does not say otherwise. Convention (lower runs first):
 #: 0-99 weight/structure edits (e.g. sparse linears), 100-199 forward hooks (e.g. token retention),

@@ -1,10 +1,12 @@
-"""Activation sparsity levels per layer (TEAL / WINA), chosen by the tuner (groundwork for issue 5).
+"""Activation sparsity levels per layer and projection (TEAL / WINA), chosen by the tuner.
 
 Parameters an Optuna trial samples (`sparsity.*`):
 - `method`: `teal` (|x|) or `wina` (|x| times the weight column norm);
 - `allocation`: `uniform` (one `level` everywhere), `owl` (OWL, Yin et al. 2024: layers with a larger share of
   outlier activations — above `M` times the layer's mean magnitude — get proportionally lower sparsity,
-  within +/- `lambda` of the mean level), or `free` (one level per layer, `l0..l{L-1}`).
+  within +/- `lambda` of the mean level), `greedy` (TEAL's per-projection allocation at block sparsity
+  `level`, `search_spaces.sparsity_greedy`; its path is searched once per method and cached beside the
+  study), or `free` (one level per layer, `l0..l{L-1}`).
 The section's thresholds are calibrated for the sampled levels on calibration text (`prepare` keeps the
 batches), sequentially as `policies.activation_sparsity.calibrate_thresholds` does, so a policy file needs no
 calibration at inference time.
@@ -12,12 +14,11 @@ calibration at inference time.
 Presets: TEAL uniform 40% and 50% (the paper's headline levels).
 
 Kernels: `prepare` profiles the sparse-row kernels against the dense GEMV for this model's group shapes on
-this device (`profilers.sparse_profiler`); a section gets a `kernels` row per layer naming, for each group, the
-kernel measured fastest at its level (`choose_kernels`), and none when dense wins everywhere (the usual case
-for `builtin:tiny` on a CPU, see `benchmarks/RESULTS.md`).
-
-Not yet here (issue 5): TEAL's greedy per-projection allocation, a cost hook (it needs the masking cost as
-well as the kernel profile), and weight sparsity.
+this device (`profilers.sparse_profiler`) and calibrates the runtime's per-group overheads from real decodes
+(`search_spaces.sparsity_cost`); a section gets a `kernels` row per layer naming, for each group, the
+kernel predicted fastest at its level, overheads included (`choose_kernels`), and none when dense wins
+everywhere (the usual case for `builtin:tiny` on a CPU, see `benchmarks/RESULTS.md`). The cost hook predicts
+the workload's latency from the same two measurements.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from policies.activation_sparsity import GROUPS, calibrate_thresholds, group_lin
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
-ALLOCATIONS = ("uniform", "owl", "free")
+ALLOCATIONS = ("uniform", "owl", "greedy", "free")
 OWL_M = 5.0  # outlier: |x| above M times the layer's mean magnitude (OWL's setting)
 
 
@@ -60,25 +61,30 @@ class SparsitySpace(SearchSpace):
         ctx.extras["sparsity.batches"] = batches
         ctx.extras["sparsity.outliers"] = outlier_ratios(model, batches)
         _save_kernel_profile(ctx, model)
+        ctx.extras["sparsity.overheads"] = self._calibrate_overheads(ctx, model, tokenizer, device)
 
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         n = ctx.num_layers
         method = trial.suggest_categorical("sparsity.method", ["teal", "wina"])
         allocation = trial.suggest_categorical("sparsity.allocation", ALLOCATIONS)
         if allocation == "free":
-            levels = [trial.suggest_float(f"sparsity.l{i}", 0.0, 0.8) for i in range(n)]
-        else:
-            level = trial.suggest_float("sparsity.level", 0.1, 0.7)
-            if allocation == "owl":
-                lam = trial.suggest_float("sparsity.lambda", 0.02, 0.15)
-                levels = owl_levels(ctx.extras.get("sparsity.outliers") or [0.0] * n, level, lam)
-            else:
-                levels = [level] * n
-        return self.section(ctx, method, levels)
+            return self.section(ctx, method, [[trial.suggest_float(f"sparsity.l{i}", 0.0, 0.8)] * len(GROUPS)
+                                              for i in range(n)])
+        level = trial.suggest_float("sparsity.level", 0.1, 0.7)
+        if allocation == "greedy":
+            from search_spaces.sparsity_greedy import levels_for
 
-    def section(self, ctx: SearchContext, method: str, levels: list[float]) -> dict[str, Any]:
-        """The policy section for per-layer `levels` (every group of a layer at its level), calibrated."""
-        rows = [[round(float(v), 4)] * len(GROUPS) for v in levels]
+            return self.section(ctx, method, levels_for(self._greedy_paths(ctx, method), level))
+        if allocation == "owl":
+            lam = trial.suggest_float("sparsity.lambda", 0.02, 0.15)
+            levels = owl_levels(ctx.extras.get("sparsity.outliers") or [0.0] * n, level, lam)
+        else:
+            levels = [level] * n
+        return self.section(ctx, method, [[v] * len(GROUPS) for v in levels])
+
+    def section(self, ctx: SearchContext, method: str, levels: list[list[float]]) -> dict[str, Any]:
+        """The policy section for per-layer [qkv, o, gate_up, down] `levels`, calibrated."""
+        rows = [[round(float(v), 4) for v in row] for row in levels]
         section: dict[str, Any] = {"method": method, "levels": rows}
         model, batches = ctx.extras.get("sparsity.model"), ctx.extras.get("sparsity.batches")
         if model is None or not batches:
@@ -88,17 +94,81 @@ class SparsitySpace(SearchSpace):
         section["thresholds"] = [[round(t.get(g, 0.0), 6) for g in GROUPS] for t in thresholds]
         profile = ctx.extras.get("sparsity.kernels")
         if profile:
-            kernels = choose_kernels(profile, rows)
+            kernels = choose_kernels(profile, rows, ctx.extras.get("sparsity.overheads"))
             if any(k != "dense" for row in kernels for k in row):
                 section["kernels"] = kernels
         return section
+
+    def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
+        """Predicted latency (or TTFT) of the workload with `section`, from the kernel profile and the
+        calibrated overheads (`search_spaces.sparsity_cost`)."""
+        from search_spaces.sparsity_cost import KernelTable, predict_latency_ms
+
+        overheads, profile = ctx.extras.get("sparsity.overheads"), ctx.extras.get("sparsity.kernels")
+        baseline = ctx.extras.get("baseline", {})
+        if overheads is None or not profile or "ttft_ms" not in baseline or "latency_ms" not in baseline:
+            return None
+        return predict_latency_ms(section, KernelTable(profile), overheads, baseline,
+                                  int(ctx.workload["new_tokens"]), ctx.extras.get("objective", "latency_ms"))
+
+    def _greedy_paths(self, ctx: SearchContext, method: str) -> list:
+        """TEAL's greedy allocation paths for `method`: searched on first use, cached in the context and as
+        `sparsity-greedy-<method>.json` beside the study (a resumed study does not search again)."""
+        import json
+
+        from search_spaces.sparsity_greedy import greedy_paths
+
+        key = f"sparsity.greedy.{method}"
+        if key in ctx.extras:
+            return ctx.extras[key]
+        artefacts = ctx.extras.get("artefacts")
+        cached = artefacts / f"sparsity-greedy-{method}.json" if artefacts is not None else None
+        if cached is not None and cached.is_file():
+            paths = json.loads(cached.read_text())
+        else:
+            paths = greedy_paths(ctx.extras["sparsity.model"], ctx.extras["sparsity.batches"], method=method)
+            if cached is not None:
+                tmp = cached.with_suffix(".tmp")
+                tmp.write_text(json.dumps(paths))
+                tmp.replace(cached)
+        ctx.extras[key] = paths
+        return paths
+
+    def _calibrate_overheads(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> Any:
+        """Measure dense, all-groups-masked (50%, dense kernel) and all-groups-sparse (80%, each group's fastest
+        sparse kernel) decodes of this model on this device, for the cost model's per-group overheads."""
+        from policies.activation_sparsity import SparsityRuntime
+        from policies.runtime import apply_policy
+        from search_spaces.sparsity_cost import KernelTable, calibrate
+        from tuner.measure import measure_generation
+        from tuner.workload import timing_input_ids
+
+        n, new_tokens = ctx.num_layers, max(8, min(int(ctx.workload["new_tokens"]), 32))
+        input_ids = timing_input_ids(tokenizer, int(ctx.workload["prompt_tokens"]), device)
+        table = KernelTable(ctx.extras["sparsity.kernels"])
+        masked = self.section(ctx, "teal", [[0.5] * len(GROUPS)] * n)
+        masked.pop("kernels", None)
+        sparse = self.section(ctx, "teal", [[0.8] * len(GROUPS)] * n)
+        sparse["kernels"] = [[table.fastest_sparse(i, g, 0.8) for g in GROUPS] for i in range(n)]
+
+        def measure(section: dict[str, Any] | None) -> tuple[float, float]:
+            undo = SparsityRuntime().apply(model, section) if section is not None else None
+            try:
+                with apply_policy(model, None) as dense:
+                    m = measure_generation(dense.generate, input_ids, new_tokens, device, repeats=3)
+            finally:
+                if undo is not None:
+                    undo.remove()
+            return m.ttft_ms, (m.latency_ms - m.ttft_ms) / (new_tokens - 1)
+
+        return calibrate(measure, masked, sparse, table)
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
         presets = []
         for level in (0.4, 0.5):
             params = {"sparsity.method": "teal", "sparsity.allocation": "uniform", "sparsity.level": level}
             try:
-                section = self.section(ctx, "teal", [level] * ctx.num_layers)
+                section = self.section(ctx, "teal", [[level] * len(GROUPS)] * ctx.num_layers)
             except RuntimeError:
                 continue  # not prepared (e.g. `bench` without a study): the presets need calibration
             presets.append(Preset(f"teal-{round(level * 100)}", params, section,
@@ -106,10 +176,13 @@ class SparsitySpace(SearchSpace):
         return presets
 
 
-def choose_kernels(profile: list[dict[str, Any]], levels: list[list[float]]) -> list[list[str]]:
+def choose_kernels(profile: list[dict[str, Any]], levels: list[list[float]],
+                   overheads: Any = None) -> list[list[str]]:
     """Per layer and group, the fastest kernel measured on this device at the highest profiled sparsity not
     above the group's level (a conservative reading: the real level is at least that sparse); `dense` unless
-    a sparse kernel beat the dense GEMV there."""
+    a sparse kernel beat the dense GEMV there, by more than the sparse path's extra overhead when calibrated
+    `overheads` (`search_spaces.sparsity_cost.Overheads`) are given."""
+    penalty = 0.0 if overheads is None else overheads.sparse_us - overheads.mask_us
     table: dict[tuple[int, str], dict[float, dict[str, float]]] = {}
     for r in profile:
         table.setdefault((int(r["layer"]), r["group"]), {}).setdefault(float(r["sparsity"]), {})[r["kernel"]] = r["us"]
@@ -122,7 +195,8 @@ def choose_kernels(profile: list[dict[str, Any]], levels: list[list[float]]) -> 
             if level <= 0 or not below:
                 choices.append("dense")
                 continue
-            times = points[max(below)]
+            times = dict(points[max(below)])
+            times.update({k: v + penalty for k, v in times.items() if k != "dense"})
             choices.append(min(times, key=times.get))
         out.append(choices)
     return out

@@ -25,7 +25,7 @@ def test_calibrated_thresholds_reproduce_the_level_on_held_out_text(tiny, method
     levels = [dict.fromkeys(GROUPS, 0.4) for _ in range(6)]
     levels[5]["down"] = 0.7
     thresholds = calibrate_thresholds(tiny.model, _batches(tiny.tokenizer, seed=11), levels, method=method)
-    sparse = SparsifiedInputs(tiny.model, thresholds, method=method)
+    sparse = SparsifiedInputs(tiny.model, thresholds, method=method, track=True)
     try:
         with torch.inference_mode():
             for ids in _batches(tiny.tokenizer, seed=99):

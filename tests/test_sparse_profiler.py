@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from policies.testing import tiny_llama
 from policies.sparse_kernels import KERNELS
+from policies.testing import tiny_llama
 from profilers.sparse_profiler import break_even, profile_sparse_kernels
 
 
