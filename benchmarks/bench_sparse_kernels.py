@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from policies.sparse_kernels import embedding_bag_mv, gather_mv, magnitude_keep  # noqa: E402
+from policies.sparse_kernels import SPARSE_KERNELS, magnitude_keep  # noqa: E402
 from profilers.sparse_profiler import median_us  # noqa: E402
 
-SHAPES = ((688, 256), (256, 688), (1376, 512), (512, 1376), (11008, 4096), (4096, 11008))
+# builtin:tiny's, 512-wide, builtin:tiny-wide's (gate_up concatenated: 5504 x 1024; down 1024 x 2752), 7B-sized
+SHAPES = ((688, 256), (256, 688), (1376, 512), (512, 1376), (5504, 1024), (1024, 2752), (11008, 4096),
+          (4096, 11008))
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -38,8 +40,8 @@ def main() -> None:
     print(f"\n### Sparse-input kernels vs dense GEMV, {args.threads} threads, {dt.date.today().isoformat()}\n")
     print(f"Command: `{shlex.join(['python', *sys.argv])}`; float32, batch 1, median of {args.repeats} calls, "
           "microseconds; ratio = dense / kernel (> 1: the kernel is faster).\n")
-    print("| shape (out x in) | sparsity | dense us | gather_mv us (ratio) | embedding_bag_mv us (ratio) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| shape (out x in) | sparsity | dense us | " + " | ".join(f"{k} us (ratio)" for k in SPARSE_KERNELS) + " |")
+    print("|---|---:|---:|" + "---:|" * len(SPARSE_KERNELS))
     with torch.inference_mode():
         for out_f, in_f in SHAPES:
             weight = torch.randn(out_f, in_f, generator=gen)
@@ -48,10 +50,11 @@ def main() -> None:
             dense = median_us(args.repeats, F.linear, x, weight)
             for s in SPARSITIES:
                 keep = magnitude_keep(x, float(x.abs().quantile(s)) if s else -1.0)
-                g = median_us(args.repeats, gather_mv, x, weight_t, keep)
-                e = median_us(args.repeats, embedding_bag_mv, x, weight_t, keep)
-                print(f"| {out_f} x {in_f} | {s:.2f} | {dense:.1f} | {g:.1f} ({dense / g:.2f}x) | "
-                      f"{e:.1f} ({dense / e:.2f}x) |", flush=True)
+                cells = []
+                for fn in SPARSE_KERNELS.values():
+                    us = median_us(args.repeats, fn, x, weight_t, keep)
+                    cells.append(f"{us:.1f} ({dense / us:.2f}x)")
+                print(f"| {out_f} x {in_f} | {s:.2f} | {dense:.1f} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
