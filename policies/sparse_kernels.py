@@ -14,7 +14,7 @@ Kernels (all return exactly `x[..., keep] @ W^T[keep] (+ bias)` up to float summ
   per-sample weights: gather and weighted sum fused, no copy of the kept rows;
 - `csr_mv`: the kept activations as a one-row CSR matrix times W^T (`torch.sparse.mm`, a sparse-dense product
   that also reads only the kept rows). On this repo's 2-core CPU it is the fastest of the three for the
-  larger matrices (1024x2752: 0.57x dense time at 70% sparsity, where `embedding_bag_mv` takes 0.90x;
+  larger matrices (1024x2752: 0.65x dense time at 70% sparsity, where `embedding_bag_mv` takes 0.98x;
   `benchmarks/RESULTS.md`).
 """
 
