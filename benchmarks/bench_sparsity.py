@@ -58,7 +58,7 @@ def grid(space: Any, ctx: SearchContext, levels: list[float]) -> dict[str, dict[
         pct = round(level * 100)
         sections[f"teal-uniform-{pct}"] = space.section(ctx, "teal", [[level] * len(GROUPS)] * n)
         sections[f"wina-uniform-{pct}"] = space.section(ctx, "wina", [[level] * len(GROUPS)] * n)
-        sections[f"teal-greedy-{pct}"] = space.section(ctx, "teal", levels_for(space._greedy_paths(ctx, "teal"),
+        sections[f"teal-greedy-{pct}"] = space.section(ctx, "teal", levels_for(space.greedy_paths(ctx, "teal"),
                                                                                level))
     return sections
 

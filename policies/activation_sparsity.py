@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError
+from policies.schema import PolicyError, is_number
 from profilers.model_parts import decoder_parts
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -287,10 +287,6 @@ SECTION_PATH = f"techniques.{NAME}"
 _FIELDS = ("method", "levels", "thresholds", "kernels")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
     """Problems of a `sparsity` section, each with its field path. Shape:
 
@@ -317,7 +313,7 @@ def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
                 problems.append(f"{path}.{key}[{i}]: must be a list of {len(GROUPS)} numbers ({', '.join(GROUPS)})")
                 continue
             for group, value in zip(GROUPS, row, strict=True):
-                if not _is_number(value) or not low <= value < high:
+                if not is_number(value) or not low <= value < high:
                     bound = "in [0, 1)" if key == "levels" else ">= 0"
                     problems.append(f"{path}.{key}[{i}].{group}: must be a number {bound}, got {value!r}")
     kernels = section.get("kernels")

@@ -272,12 +272,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number from YAML (bools are ints in Python, but never a valid number field)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_finite_number(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _join(path: str, key: str) -> str:

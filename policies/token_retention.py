@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError
+from policies.schema import PolicyError, is_number
 from profilers.model_parts import decoder_parts
 from profilers.peak_memory import cache_nbytes  # noqa: F401 - re-exported: measured KV-cache size
 
@@ -115,10 +115,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
     """Every problem of a ``token_retention`` section, each starting with its field path.
 
@@ -138,7 +134,7 @@ def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
     else:
         ok = True
         for i, value in enumerate(keep):
-            if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
+            if not is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
                 problems.append(f"{path}.keep[{i}]: must be in (0, 1], got {value!r}")
                 ok = False
         if ok:

@@ -33,7 +33,7 @@ from torch import nn
 
 from policies.activation_sparsity import GROUPS, group_linears
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError
+from policies.schema import PolicyError, is_number
 from profilers.model_parts import decoder_parts
 
 NAME = "weight_sparsity"
@@ -243,10 +243,6 @@ def decode_norms(text: str) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _level_problems(rows: object, path: str, structure: str) -> list[str]:
     """Problems of `levels`: one [qkv, o, gate_up, down] row per layer, each in [0, 1) ({0, 0.5} for 2:4)."""
     if not isinstance(rows, list) or not rows:
@@ -258,10 +254,10 @@ def _level_problems(rows: object, path: str, structure: str) -> list[str]:
             continue
         for group, value in zip(GROUPS, row, strict=True):
             if structure == TWO_FOUR:
-                if not _is_number(value) or value not in (0, TWO_FOUR_LEVEL):
+                if not is_number(value) or value not in (0, TWO_FOUR_LEVEL):
                     problems.append(f"{path}.levels[{i}].{group}: must be 0 (dense) or 0.5 with structure 2:4, "
                                     f"got {value!r}")
-            elif not _is_number(value) or not 0 <= value < 1:
+            elif not is_number(value) or not 0 <= value < 1:
                 problems.append(f"{path}.levels[{i}].{group}: must be a number in [0, 1), got {value!r}")
     return problems
 

@@ -76,7 +76,7 @@ class SparsitySpace(SearchSpace):
         if allocation == "greedy":
             from search_spaces.sparsity_greedy import levels_for
 
-            return self.section(ctx, method, levels_for(self._greedy_paths(ctx, method), level))
+            return self.section(ctx, method, levels_for(self.greedy_paths(ctx, method), level))
         if allocation == "owl":
             lam = trial.suggest_float("sparsity.lambda", 0.02, 0.15)
             levels = owl_levels(ctx.extras.get("sparsity.outliers") or [0.0] * n, level, lam)
@@ -113,7 +113,7 @@ class SparsitySpace(SearchSpace):
         return predict_latency_ms(section, KernelTable(profile), overheads, baseline,
                                   int(ctx.workload["new_tokens"]), ctx.extras.get("objective", "latency_ms"))
 
-    def _greedy_paths(self, ctx: SearchContext, method: str) -> list:
+    def greedy_paths(self, ctx: SearchContext, method: str) -> list:
         """TEAL's greedy allocation paths for `method`: searched on first use, cached in the context and as
         `sparsity-greedy-<method>.json` beside the study (a resumed study does not search again)."""
         import json
@@ -167,12 +167,7 @@ class SparsitySpace(SearchSpace):
                 samples[name].append((m.ttft_ms, (m.latency_ms - m.ttft_ms) / (new_tokens - 1)))
         medians = {name: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
                    for name, v in samples.items()}
-        by_id = {id(section): name for name, section in configs.items()}
-
-        def measure(section: dict[str, Any] | None) -> tuple[float, float]:
-            return medians[by_id[id(section)]]
-
-        return calibrate(measure, masked, sparse, table)
+        return calibrate(medians, masked, sparse, table)
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
         presets = []

@@ -17,7 +17,7 @@ kernel term dominates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,14 +95,14 @@ def predict_latency_ms(section: dict[str, Any], table: KernelTable, overheads: O
     return prefill + dense_decode + (new_tokens - 1) * decode_delta_us(section, table, overheads) / 1e3
 
 
-def calibrate(measure: Callable[[dict[str, Any] | None], tuple[float, float]],
-              masked: dict[str, Any], sparse: dict[str, Any], table: KernelTable) -> Overheads:
-    """Overheads from three measured runs. `measure(section)` returns (ttft ms, decode ms per token) with that
-    section applied (None: dense). `masked` sparsifies every group with the dense kernel, `sparse` every
-    group with a sparse kernel."""
-    ttft0, dec0 = measure(None)
-    ttft1, dec1 = measure(masked)
-    ttft2, dec2 = measure(sparse)
+def calibrate(measured: dict[str, tuple[float, float]], masked: dict[str, Any], sparse: dict[str, Any],
+              table: KernelTable) -> Overheads:
+    """Overheads from three measured runs: `measured[name]` = (ttft ms, decode ms per token) for `dense`,
+    `masked` (every group sparsified with the dense kernel: the `masked` section) and `sparse` (every group
+    on a sparse kernel: the `sparse` section)."""
+    ttft0, dec0 = measured["dense"]
+    ttft1, dec1 = measured["masked"]
+    ttft2, dec2 = measured["sparse"]
     n1, n2 = len(active_groups(masked)), len(active_groups(sparse))
     kernel_delta = sum(table.us(layer, g, k, lv) - table.dense_us(layer, g)
                        for layer, g, lv, k in active_groups(sparse))

@@ -62,12 +62,11 @@ def test_calibration_recovers_the_overheads_from_three_measured_runs():
     truth = Overheads(mask_us=3.0, sparse_us=7.0, prefill_ms=0.25)
 
     def measure(section):  # a device that follows the model exactly: ttft 5 ms, decode 1 ms/token when dense
-        if section is None:
-            return 5.0, 1.0
         return (5.0 + truth.prefill_ms * len(active_groups(section)),
                 1.0 + decode_delta_us(section, table, truth) / 1e3)
 
-    got = calibrate(measure, masked, sparse, table)
+    measured = {"dense": (5.0, 1.0), "masked": measure(masked), "sparse": measure(sparse)}
+    got = calibrate(measured, masked, sparse, table)
     assert got.mask_us == pytest.approx(3.0) and got.sparse_us == pytest.approx(7.0)
     assert got.prefill_ms == pytest.approx(0.25)
 
