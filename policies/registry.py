@@ -33,7 +33,7 @@ __all__ = [
 #: Modules that define (and register) the built-in technique runtimes. One line per technique.
 _BUILTIN_RUNTIME_MODULES: tuple[str, ...] = ("policies.token_retention", "policies.speculative",
                                                 "policies.activation_sparsity",
-                                                "policies.weight_sparsity")
+                                                "policies.weight_sparsity", "policies.diffusion")
 
 #: Application order of a runtime that does not say otherwise. Convention (lower runs first):
 #: 0-99 weight/structure edits (e.g. sparse linears), 100-199 forward hooks (e.g. token retention),
@@ -90,6 +90,9 @@ class TechniqueRuntime(ABC):
     name: str
     order: int = DEFAULT_ORDER
     owns_generate: bool = False
+    #: The kinds of model the technique applies to (``policies.diffusion.model_kind``): a policy section
+    #: for another kind is refused by ``apply_policy`` before anything is touched.
+    model_kinds: tuple[str, ...] = ("causal-lm",)
 
     @abstractmethod
     def validate(self, section: dict[str, Any], path: str) -> list[str]:

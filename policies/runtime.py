@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from policies.fingerprint import fingerprint_mismatches, model_fingerprint
-from policies.registry import TechniqueHandle, get_runtime, runtime_order
+from policies.model_kind import model_kind
+from policies.registry import TechniqueHandle, get_runtime, registered_runtimes, runtime_order
 from policies.schema import Policy, PolicyError, policy_from_dict, validate_techniques
 
 __all__ = ["PolicyHandle", "apply_policy"]
@@ -39,6 +40,8 @@ class PolicyHandle:
             (h for _, h in handles if getattr(h, "owns_generate", False)), None
         )
         self._removed = False
+        # a masked-diffusion model has no `model.generate`: its dense decode is the baseline diffusion loop
+        self._diffusion = self._generator is None and model_kind(model) == "masked-diffusion"
 
     @property
     def techniques(self) -> list[str]:
@@ -64,6 +67,10 @@ class PolicyHandle:
         kwargs.setdefault("do_sample", False)
         if self._generator is not None:
             return self._generator.generate(self.model, input_ids, **kwargs)
+        if self._diffusion:
+            from policies.diffusion import baseline_config, generate_with
+
+            return generate_with(self.model, input_ids, baseline_config(), None, **kwargs)
         if input_ids is None:
             return self.model.generate(**kwargs)
         return self.model.generate(input_ids, **kwargs)
@@ -115,6 +122,12 @@ def apply_policy(model: Any, policy: Policy | Mapping[str, Any] | None) -> Polic
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a Policy, a mapping or None, got {type(policy).__name__}")
 
+    kind = model_kind(model)
+    wrong_kind = [f"techniques.{name}: applies to {' or '.join(get_runtime(name).model_kinds)} models, not to "
+                  f"this {kind} ({type(model).__name__})" for name in policy.techniques
+                  if name in registered_runtimes() and kind not in getattr(get_runtime(name), "model_kinds", (kind,))]
+    if wrong_kind:
+        raise PolicyError(wrong_kind, policy.source)
     mismatches = fingerprint_mismatches(policy.model.fingerprint, model_fingerprint(model))
     if mismatches:
         raise PolicyError(f"policy is for another model: {', '.join(mismatches)}", policy.source)

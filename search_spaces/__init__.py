@@ -16,7 +16,8 @@ __all__ = ["Peer", "Preset", "SearchContext", "SearchSpace", "get_search_space",
 _REGISTRY: dict[str, SearchSpace] = {}
 # One line per technique shipped with autotune: "module path" (imported lazily on first lookup).
 _BUILTIN_MODULES: tuple[str, ...] = ("search_spaces.token_retention", "search_spaces.speculative",
-                                     "search_spaces.sparsity", "search_spaces.weight_sparsity")
+                                     "search_spaces.sparsity", "search_spaces.weight_sparsity",
+                                     "search_spaces.diffusion_blocks")
 _loaded = False
 
 

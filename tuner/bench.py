@@ -75,14 +75,15 @@ def _peer_variants(policy: Policy, model: Any, ctx: SearchContext) -> list[Varia
 
 def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = None,
               workload: Workload | None = None, repeats: int = 5, quality: QualityConfig | None = None,
-              with_presets: bool = True, with_peers: bool = True, log: Any = None) -> dict[str, Any]:
+              with_presets: bool = True, with_peers: bool = True, log: Any = None,
+              trust_remote_code: bool = False) -> dict[str, Any]:
     """Benchmark the variants; returns the `--json` document (see README for the contract)."""
     say = log or (lambda msg: None)
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     device = resolve_device(device_spec)
     dev = torch_device(device)
-    loaded = load_model(model_spec, dev)
+    loaded = load_model(model_spec, dev, trust_remote_code=trust_remote_code)
     if workload is None:
         workload = Workload.from_policy(policy) if policy is not None else Workload()
     variants = [Variant("dense")]

@@ -80,7 +80,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tuner.models import load_model
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, torch_device(device))
+    loaded = load_model(args.model, torch_device(device), trust_remote_code=args.trust_remote_code)
     profile = profile_model(loaded.model, torch_device(device), mode=args.mode, n_tokens=args.tokens,
                             warmup=args.warmup, repeats=args.repeats)
     document = profile.to_json_dict(device.to_dict(), loaded.model_id)
@@ -136,7 +136,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      objective=args.objective, device=args.device, storage=args.storage, study_name=args.study,
                      out_dir=Path(args.out), sampler=args.sampler, seed=args.seed, workload=_workload(args),
                      quality=_quality(args), repeats=args.repeats, show_progress=not args.json,
-                     draft_model=args.draft_model)
+                     draft_model=args.draft_model, trust_remote_code=args.trust_remote_code)
     result = tune(cfg, log=_say)
     summary = {"policy": str(result.policy_path), "artefacts": str(result.artefacts_dir),
                "best_trial": result.best_trial, "budget_met": result.budget_met, "n_trials": result.n_trials,
@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
                         new_tokens=args.new_tokens or base.new_tokens, dtype=base.dtype)
     document = run_bench(args.model, policy, args.device, workload, repeats=args.repeats,
-                         quality=_quality(args), with_presets=not args.no_presets, log=_say)
+                         quality=_quality(args), with_presets=not args.no_presets, log=_say,
+                         trust_remote_code=args.trust_remote_code)
     if args.json:
         _print_json(document)
     else:
@@ -178,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tuner.models import load_model
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, torch_device(device))
+    loaded = load_model(args.model, torch_device(device), trust_remote_code=args.trust_remote_code)
     source = args.policy or args.policies
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="builtin:tiny", help="builtin:NAME or a local HF checkpoint directory")
         p.add_argument("--device", default=None, help="cpu, cpu:Nt (N threads), cuda, cuda:N or a device id "
                                                       "(default: first GPU, else the CPU)")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="run modelling code shipped inside the checkpoint (LLaDA, Dream); off by default")
 
     def quality_opts(p: argparse.ArgumentParser, examples: int) -> None:
         p.add_argument("--tasks", default="needle,pattern", help="built-in tasks scored for quality")

@@ -8,6 +8,7 @@ is `local_files_only=True` and a missing model is a clear input error, not a net
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -79,20 +80,72 @@ def resolve_model_path(spec: str) -> Path:
     )
 
 
-def load_model(spec: str, device: torch.device | str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode on `device` (default: CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def checkpoint_kind(path: Path) -> tuple[str, bool]:
+    """(kind, needs_remote_code) of a checkpoint directory, from its ``config.json``.
+
+    ``masked-diffusion``: a ``*ForMaskedLM`` architecture, or a LLaDA/Dream-style model type; everything
+    else is a causal LM. Remote code is needed when the config maps Auto classes to the checkpoint's own
+    modelling files (``auto_map``), as LLaDA's and Dream's do."""
+    from policies.model_kind import CAUSAL_LM, DIFFUSION_MODEL_TYPES, MASKED_DIFFUSION
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    architectures = config.get("architectures") or []
+    diffusion = (any(str(a).endswith("ForMaskedLM") for a in architectures)
+                 or str(config.get("model_type", "")).lower() in DIFFUSION_MODEL_TYPES)
+    return (MASKED_DIFFUSION if diffusion else CAUSAL_LM), bool(config.get("auto_map"))
+
+
+def load_model(spec: str, device: torch.device | str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer in eval mode on `device` (default: CPU).
+
+    A causal LM loads with ``AutoModelForCausalLM``; a masked-diffusion model with ``AutoModelForMaskedLM``
+    (or ``AutoModel`` for remote-code LLaDA/Dream checkpoints), its mask token checked and recorded in
+    ``config.mask_token_id``. Code shipped inside a checkpoint runs only with ``trust_remote_code=True``
+    (the CLI's ``--trust-remote-code``): without it such a checkpoint is refused with a one-line message."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from policies.model_kind import MASKED_DIFFUSION
 
     hf_logging.disable_progress_bar()  # a CLI's stdout/stderr are for results, not weight-loading bars
     path = resolve_model_path(spec)
+    kind, remote = checkpoint_kind(path)
+    if remote and not trust_remote_code:
+        raise ModelSpecError(f"model {spec!r} ships its own modelling code (config.json auto_map); pass "
+                             "--trust-remote-code to run it")
     torch_dtype = parse_dtype(dtype) or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
+    if kind == MASKED_DIFFUSION:
+        auto = AutoModel if remote else AutoModelForMaskedLM
+    else:
+        auto = AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = auto.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(f"cannot load model {spec!r}: {first_line}") from exc
+    if kind == MASKED_DIFFUSION:
+        _record_mask_token(spec, model, tokenizer)
     model.to(target).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, path=path, device=target)
+
+
+def _record_mask_token(spec: str, model: Any, tokenizer: Any) -> None:
+    """A denoiser needs a mask token: the config's, else the tokenizer's (BERT-style configs lack one)."""
+    from policies.model_kind import DIFFUSION_MODEL_TYPES
+
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if mask_id is None:
+        mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        mask_id = DIFFUSION_MODEL_TYPES.get(str(getattr(model.config, "model_type", "")).lower())
+    if mask_id is None:
+        raise ModelSpecError(f"model {spec!r} is a masked LM without a mask token (neither its config nor its "
+                             "tokenizer names one); it cannot be decoded by diffusion")
+    model.config.mask_token_id = int(mask_id)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from policies.model_kind import model_kind
+from policies.runtime import PolicyHandle
 from tuner.tasks import code_samples, get_task
 
 QUALITY_METRICS = ("accuracy", "top1_agreement", "mean_kl")
@@ -59,7 +61,8 @@ class QualityReport:
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
         if name not in QUALITY_METRICS or value is None:
-            raise ValueError(f"quality metric {name!r} unavailable; choose one of {', '.join(QUALITY_METRICS)}")
+            raise ValueError(f"quality metric {name!r} unavailable here (a masked-diffusion model is scored on "
+                             f"accuracy only); choose one of {', '.join(QUALITY_METRICS)}")
         return float(value)
 
     def summary(self) -> dict[str, Any]:
@@ -108,7 +111,11 @@ class QualityHarness:
         self.model_key = model_key
         self._examples = {t: get_task(t).examples(self.config.examples_per_task, seed=self.config.seed)
                           for t in self.config.tasks}
-        self._free_text = _free_text_ids(tokenizer, self.config) if self.config.free_text_samples else []
+        # Teacher-forced next-token metrics (agreement, KL) describe causal LMs; a masked-diffusion model's
+        # policies change only its decode loop, so it is scored on task accuracy alone.
+        diffusion = model_kind(model) == "masked-diffusion"
+        self._free_text = _free_text_ids(tokenizer, self.config) if self.config.free_text_samples and not diffusion \
+            else []
         self._reference: QualityReport | None = None
         self._ref_logprobs: list[torch.Tensor] = []
         # Computed now, while the model is certainly dense: a lazily computed reference could be taken
@@ -142,9 +149,10 @@ class QualityHarness:
         return report
 
     def _dense_generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                   attention_mask=torch.ones_like(input_ids),
-                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        # the dense policy handle: `model.generate` for a causal LM, the baseline loop for a diffusion model
+        return PolicyHandle(self.model, None, []).generate(
+            input_ids, max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids),
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 
     def _save_reference(self, json_path: Path, tensor_path: Path) -> None:
         from safetensors.torch import save_file

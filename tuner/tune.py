@@ -62,6 +62,7 @@ class TuneConfig:
     repeats: int = 3
     show_progress: bool = False
     draft_model: str | None = None  # speculative decoding's draft model (default: the one known for the model)
+    trust_remote_code: bool = False  # run modelling code shipped in the checkpoint (LLaDA, Dream)
 
 
 @dataclass
@@ -93,6 +94,22 @@ def check_config(cfg: TuneConfig) -> list[SearchSpace]:
     make_sampler(cfg.sampler, cfg.seed)
     check_storage(cfg.storage)
     return [get_search_space(name) for name in cfg.techniques]
+
+
+def check_model_kind(cfg: TuneConfig, model: Any) -> None:
+    """Refuse techniques for another kind of model (a causal LM's token dropping on a denoiser, diffusion
+    decoding on a causal LM) and metrics the model cannot be scored on, before any profiling."""
+    from policies.model_kind import MASKED_DIFFUSION, model_kind
+    from policies.registry import get_runtime
+
+    kind = model_kind(model)
+    for name in cfg.techniques:
+        kinds = getattr(get_runtime(name), "model_kinds", (kind,))
+        if kind not in kinds:
+            raise ValueError(f"--techniques {name}: applies to {' or '.join(kinds)} models, and {cfg.model} is a "
+                             f"{kind}")
+    if kind == MASKED_DIFFUSION and cfg.quality_metric != "accuracy":
+        raise ValueError(f"--quality-metric {cfg.quality_metric}: a masked-diffusion model is scored on accuracy only")
 
 
 def _measured_dict(m: GenerationMeasurement, quality: float, metric: str) -> dict[str, Any]:
@@ -134,8 +151,9 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say = log or (lambda msg: None)
     spaces = check_config(cfg)
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, torch_device(device))
+    loaded = load_model(cfg.model, torch_device(device), trust_remote_code=cfg.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_model_kind(cfg, model)
     fingerprint = model_fingerprint(model)
     target = policy_path(cfg.out_dir, loaded.model_id, device.id)
     artefacts = target.with_suffix(".d")

@@ -23,9 +23,13 @@ commit, and generating it takes seconds, so it is *generated*: its entry names t
 (``$AUTOTUNE_CACHE``, else ``~/.cache/autotune``, under ``builtin/NAME``) the first time it is resolved.
 Listing the registry never generates anything.
 
-Adding a model (``tiny-mdm``...) is one :class:`BuiltinModel` entry here plus a recipe module.
+``builtin:tiny-mdm`` is a masked-diffusion LM (``kind="masked-diffusion"``, loaded with
+``AutoModelForMaskedLM``): ``builtin:tiny``'s weights and tokenizer (plus a ``<mask>`` token) adapted to
+bidirectional denoising by ``python -m tuner.builtin.train_tiny_mdm OUT_DIR`` (committed, ~20 MB).
+
+Adding a model is one :class:`BuiltinModel` entry here plus a recipe module.
 This module imports nothing heavy: loading is ``tuner.models.load_model``'s job
-(plain ``AutoModelForCausalLM.from_pretrained(builtin_checkpoint(name))``).
+(plain ``AutoModelFor{CausalLM,MaskedLM}.from_pretrained(builtin_checkpoint(name))``).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class BuiltinModel:
 
     name: str
     description: str
-    kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM); later e.g. "masked-diffusion"
+    kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM) or "masked-diffusion" (AutoModelForMaskedLM)
     train_recipe: str = ""  # key of tuner.builtin.train.RECIPES; `python -m tuner.builtin.train NAME`
     train_module: str = "tuner.builtin.train"  # the module whose main() trains (or generates) it
     tasks: tuple[str, ...] = ()  # built-in tasks (tuner.tasks) it is trained for
@@ -127,6 +131,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         train_module="tuner.builtin.widen",
         tasks=("needle", "needle-2k", "pattern", "code"),
         generated_by="tuner.builtin.widen:materialize_wide",
+    ),
+    "tiny-mdm": BuiltinModel(
+        name="tiny-mdm",
+        description=(
+            "masked-diffusion LM (EuroBertForMaskedLM: builtin:tiny's Llama layout with bidirectional attention, "
+            "~4.9M params, vocab 2049 with <mask>), adapted from builtin:tiny with LLaDA's masked-diffusion loss "
+            "and Dream's shifted logits; decoded by policies.diffusion"
+        ),
+        kind="masked-diffusion",
+        train_recipe="tiny-mdm",
+        train_module="tuner.builtin.train_tiny_mdm",
+        tasks=("needle", "pattern", "code"),
     ),
 }
 

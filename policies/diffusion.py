@@ -1,0 +1,479 @@
+"""Decoding masked-diffusion language models: semi-autoregressive blocks, remasking rules, parallel decoding.
+
+A masked-diffusion LM (LLaDA, Dream, or any Hugging Face masked LM used as a denoiser) generates by
+appending ``max_new_tokens`` mask tokens to the prompt and filling them in over several forwards: each
+forward predicts every masked position at once, and the loop *commits* some of the predictions (the rest
+stay masked for the next forward).  How many forwards a token costs is the speed knob this module exposes:
+
+- **Blocks** (LLaDA's semi-autoregressive decoding): the masks are filled block by block, left to right;
+  within a block, ``steps_per_block`` steps commit tokens on LLaDA's linear schedule (the block's masks
+  split evenly over the steps, the first steps taking the remainder).  ``steps_per_block ==
+  block_length`` is one token per forward: the baseline (and the ``dense`` row of ``autotune bench``).
+- **Remasking rule**: which predictions a step commits first: ``low_confidence`` (highest top-1
+  probability, LLaDA), ``random`` (LLaDA), ``margin`` (top-1 minus top-2 probability, Dream's
+  ``topk_margin``) or ``entropy`` (lowest predictive entropy, Dream).
+- **Confidence threshold** (Fast-dLLM): a step also commits every masked position of the block whose
+  top-1 probability is *strictly above* ``threshold`` -- at least the schedule's count (one when
+  ``steps_per_block`` is null), so every forward commits a token and the loop always terminates.
+- **Adaptive block ends** (AdaBlock-dLLM): at a block's first forward, the block ends right after the first
+  position within ``max_block_length`` predicted to be a delimiter (e.g. a newline) with probability at least
+  ``delimiter_threshold``; with no such position it keeps its default length.
+- **Approximate KV cache** (Fast-dLLM): the block's first forward runs over the whole sequence and keeps
+  every layer's keys and values; the block's later forwards recompute only a window (``prefix``: the block
+  and everything after it; ``dual``: the block alone) and attend to the kept keys/values of the rest.
+  Approximate because, with bidirectional attention, the kept positions would have seen the block's newly
+  committed tokens.  Only models whose attention layers take ``past_key_values`` and ``position_ids``
+  through ``forward`` support it (Llama-layout encoders such as EuroBERT / ``builtin:tiny-mdm``); this is
+  probed, exactly, when a policy asking for it is applied.
+
+Models with *shifted* logits (Dream: the logits at position i predict token i + 1; marked by
+``config.logits_shift`` or Dream's model type) are handled by reading each position's prediction from the
+position before it (and, with a cache, recomputing that one extra position).
+
+The section (``techniques.diffusion_blocks``)::
+
+    block_length: 32            # tokens per block (the last block may be shorter)
+    steps_per_block: 32         # forwards per block on the linear schedule; null with a threshold: >= 1 per step
+    threshold: 0.9              # Fast-dLLM: also commit every masked position with top-1 probability > this
+    remasking: low_confidence   # low_confidence | random | margin | entropy
+    delimiter_threshold: 0.3    # AdaBlock (null: fixed blocks)
+    delimiter_ids: [10, 201]    # token ids that end a block (required with delimiter_threshold)
+    max_block_length: 64        # AdaBlock's search window (default: 2 x block_length)
+    cache: none                 # none | prefix | dual
+    seed: 0                     # for random remasking and sampling
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from policies.model_kind import DIFFUSION_MODEL_TYPES, MASKED_DIFFUSION
+from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
+from policies.schema import PolicyError, is_number
+
+__all__ = [
+    "CACHE_MODES",
+    "REMASKING_RULES",
+    "DiffusionConfig",
+    "DiffusionStats",
+    "Denoiser",
+    "baseline_config",
+    "denoiser_for",
+    "diffusion_generate",
+    "supports_block_cache",
+    "transfer_schedule",
+]
+
+REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
+CACHE_MODES = ("none", "prefix", "dual")
+#: The baseline block length (LLaDA's demo setting): the ``dense`` row of a diffusion model.
+BASELINE_BLOCK = 32
+
+
+# ------------------------------------------------------------------------------------------- denoiser
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """How to read a masked-diffusion model: its mask token, whether its logits are shifted, its EOS."""
+
+    mask_id: int
+    shift: bool
+    vocab_size: int
+
+
+def denoiser_for(model: Any) -> Denoiser:
+    """The model's mask token (``config.mask_token_id``, else the known id of its model type) and shift."""
+    config = model.config
+    model_type = str(getattr(config, "model_type", "")).lower()
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None:
+        mask_id = DIFFUSION_MODEL_TYPES.get(model_type)
+    if not isinstance(mask_id, int):
+        raise PolicyError(f"{type(model).__name__} has no mask token (config.mask_token_id); it cannot be "
+                          "decoded as a masked-diffusion model")
+    shift = bool(getattr(config, "logits_shift", False)) or model_type == "dream"
+    return Denoiser(mask_id=mask_id, shift=shift, vocab_size=int(model.get_output_embeddings().weight.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """A validated ``diffusion_blocks`` section (see the module docstring for the fields)."""
+
+    block_length: int = BASELINE_BLOCK
+    steps_per_block: int | None = BASELINE_BLOCK
+    threshold: float | None = None
+    remasking: str = "low_confidence"
+    delimiter_threshold: float | None = None
+    delimiter_ids: tuple[int, ...] = ()
+    max_block_length: int | None = None
+    cache: str = "none"
+    seed: int = 0
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> DiffusionConfig:
+        problems = validate_section(section, "techniques.diffusion_blocks")
+        if problems:
+            raise PolicyError(problems)
+        fields = dict(section)
+        fields["delimiter_ids"] = tuple(int(i) for i in fields.get("delimiter_ids") or ())
+        return cls(**fields)
+
+    @property
+    def window(self) -> int:
+        """AdaBlock's search window: how far a delimiter may move a block's end."""
+        return self.max_block_length or 2 * self.block_length
+
+
+def baseline_config() -> DiffusionConfig:
+    """One token per forward, blocks of 32, low-confidence remasking, no cache: LLaDA's decoding, the baseline."""
+    return DiffusionConfig()
+
+
+_FIELDS = {"block_length", "steps_per_block", "threshold", "remasking", "delimiter_threshold", "delimiter_ids",
+           "max_block_length", "cache", "seed"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_section(section: Any, path: str) -> list[str]:
+    """Every problem of a ``diffusion_blocks`` section, each naming its field."""
+    if not isinstance(section, Mapping):
+        return [f"{path}: must be a mapping, got {type(section).__name__}"]
+    problems = [f"{path}.{k}: unknown field (known: {', '.join(sorted(_FIELDS))})" for k in section if k not in _FIELDS]
+    block = section.get("block_length", BASELINE_BLOCK)
+    if not _is_int(block) or block < 1:
+        problems.append(f"{path}.block_length: must be an integer >= 1, got {block!r}")
+    steps = section.get("steps_per_block", BASELINE_BLOCK)
+    threshold = section.get("threshold")
+    if steps is None and threshold is None:
+        problems.append(f"{path}.steps_per_block: null needs a threshold (else nothing says how many tokens a "
+                        "step commits)")
+    elif steps is not None and (not _is_int(steps) or steps < 1):
+        problems.append(f"{path}.steps_per_block: must be an integer >= 1 or null, got {steps!r}")
+    for name in ("threshold", "delimiter_threshold"):
+        value = section.get(name)
+        if value is not None and (not is_number(value) or not 0.0 < value <= 1.0):
+            problems.append(f"{path}.{name}: must be a number in (0, 1] or null, got {value!r}")
+    rule = section.get("remasking", "low_confidence")
+    if rule not in REMASKING_RULES:
+        problems.append(f"{path}.remasking: must be one of {', '.join(REMASKING_RULES)}, got {rule!r}")
+    cache = section.get("cache", "none")
+    if cache not in CACHE_MODES:
+        problems.append(f"{path}.cache: must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    ids = section.get("delimiter_ids", [])
+    if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+        problems.append(f"{path}.delimiter_ids: must be a list of token ids, got {ids!r}")
+    elif section.get("delimiter_threshold") is not None and not ids:
+        problems.append(f"{path}.delimiter_ids: adaptive blocks (delimiter_threshold) need at least one delimiter")
+    window = section.get("max_block_length")
+    if window is not None and (not _is_int(window) or (_is_int(block) and window < block)):
+        problems.append(f"{path}.max_block_length: must be an integer >= block_length or null, got {window!r}")
+    seed = section.get("seed", 0)
+    if not _is_int(seed) or seed < 0:
+        problems.append(f"{path}.seed: must be an integer >= 0, got {seed!r}")
+    return problems
+
+
+def transfer_schedule(n_masked: int, steps: int) -> list[int]:
+    """LLaDA's linear schedule: `n_masked` tokens over `steps` steps, as evenly as possible, remainder first."""
+    steps = max(1, min(steps, n_masked))
+    base, extra = divmod(n_masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class BlockKV:
+    """Keys/values of the positions a block's later forwards do not recompute (a Hugging Face ``Cache``
+    duck type: attention layers call ``update(key, value, layer_idx)``).
+
+    While recording, ``update`` stores each layer's full keys/values and returns them unchanged (the
+    block's first, full forward).  After :meth:`keep_outside` it returns, for a window's forward,
+    ``cat(prefix, window, suffix)`` along the sequence; attention is bidirectional and unmasked, so the
+    order of keys does not matter once rotary positions are applied."""
+
+    def __init__(self) -> None:
+        self.recording = True
+        self._full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._outside: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.recording:
+            self._full[layer_idx] = (key, value)
+            return key, value
+        k_out, v_out = self._outside[layer_idx]
+        return torch.cat([k_out, key], dim=2), torch.cat([v_out, value], dim=2)
+
+    @property
+    def layers(self) -> int:
+        return len(self._full)
+
+    def keep_outside(self, start: int, end: int) -> None:
+        """Keep positions ``[:start]`` and ``[end:]`` of the recorded forward; later forwards cover ``[start:end]``."""
+        def outside(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[:, :, :start], t[:, :, end:]], dim=2)
+
+        self._outside = {i: (outside(k), outside(v)) for i, (k, v) in self._full.items()}
+        self._full = {}
+        self.recording = False
+
+    # what HF code may ask a cache object; a block cache is never "grown" by the model
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def supports_block_cache(model: Any) -> bool:
+    """Whether ``model``'s forward routes ``past_key_values`` and ``position_ids`` to every attention layer,
+    checked exactly: a windowed forward over recorded keys/values must reproduce the full forward's logits."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(8, device=device) * 7919 % max(vocab - 1, 1))[None]
+    try:
+        with torch.inference_mode():
+            kv = BlockKV()
+            full = model(ids, past_key_values=kv).logits
+            if kv.layers == 0:
+                return False
+            kv.keep_outside(3, 6)
+            part = model(ids[:, 3:6], past_key_values=kv, position_ids=torch.arange(3, 6, device=device)[None]).logits
+    except (TypeError, ValueError, RuntimeError, KeyError):
+        return False
+    return bool(torch.allclose(part.float(), full[:, 3:6].float(), atol=1e-4, rtol=1e-3))
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+@dataclass
+class DiffusionStats:
+    """What one generate call did: forwards run, tokens committed per forward, the blocks decoded."""
+
+    forwards: int = 0
+    full_forwards: int = 0
+    committed: list[int] = field(default_factory=list)
+    block_forwards: list[int] = field(default_factory=list)
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # (start, end) offsets into the generation
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.committed)
+
+    @property
+    def forwards_per_token(self) -> float:
+        return self.forwards / max(self.tokens, 1)
+
+
+class _Denoise:
+    """One decode's forwards, full or windowed over a :class:`BlockKV`. Both return logits whose row j
+    predicts the token at position ``start + j`` (shift undone, the mask token suppressed)."""
+
+    def __init__(self, model: Any, spec: Denoiser) -> None:
+        self.model, self.spec = model, spec
+        self.lead = 1 if spec.shift else 0
+
+    def _rows(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        rows = logits[0, lo - self.lead:hi - self.lead].float()
+        rows[:, self.spec.mask_id] = -math.inf  # never predict the mask itself
+        return rows
+
+    def full(self, x: torch.Tensor, kv: BlockKV | None, start: int) -> torch.Tensor:
+        """A forward over all of ``x``; logits predicting positions ``[start, len(x))``."""
+        logits = self.model(x, past_key_values=kv).logits if kv is not None else self.model(x).logits
+        return self._rows(logits, start, x.shape[1])
+
+    def window(self, x: torch.Tensor, kv: BlockKV, start: int, end: int) -> torch.Tensor:
+        """A forward over ``[start - lead, end)`` only; logits predicting positions ``[start, end)``."""
+        lo = start - self.lead
+        positions = torch.arange(lo, end, device=x.device)[None]
+        logits = self.model(x[:, lo:end], past_key_values=kv, position_ids=positions).logits
+        return self._rows(logits, self.lead, end - lo)
+
+
+def _scores(probs: torch.Tensor, tokens: torch.Tensor, rule: str, gen: torch.Generator) -> torch.Tensor:
+    """Higher = commit first. ``probs`` (n, V) of the block's positions, ``tokens`` their predictions."""
+    if rule == "low_confidence":
+        return probs.gather(1, tokens[:, None])[:, 0]
+    if rule == "random":
+        return torch.rand(probs.shape[0], generator=gen).to(probs.device)
+    if rule == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # entropy: minus the predictive entropy
+
+
+def _predict(logits: torch.Tensor, do_sample: bool, temperature: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, probs): greedy argmax, or one categorical draw per position from softmax(logits / T)."""
+    if do_sample and temperature > 0:
+        probs = torch.softmax(logits / temperature, -1)
+        tokens = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
+        return tokens, probs
+    probs = torch.softmax(logits, -1)
+    return probs.argmax(-1), probs
+
+
+def _adaptive_length(tokens: torch.Tensor, probs: torch.Tensor, default: int, cfg: DiffusionConfig) -> int:
+    """AdaBlock: the block ends after the first position of the window predicted to be a delimiter with
+    probability >= delimiter_threshold; with none, it keeps its default length. Offsets from the block start."""
+    span = min(cfg.window, tokens.shape[0])
+    tok = tokens[:span]
+    conf = probs[:span].gather(1, tok[:, None])[:, 0]
+    delimiters = torch.tensor(cfg.delimiter_ids, device=tok.device)
+    hit = (torch.isin(tok, delimiters) & (conf >= cfg.delimiter_threshold)).nonzero()
+    return int(hit[0, 0]) + 1 if hit.numel() else default
+
+
+def _commit(x_block: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, want: int, cfg: DiffusionConfig,
+            mask_id: int, gen: torch.Generator) -> int:
+    """Commit, in place, every masked position above the threshold and at least ``want`` of them (by the
+    remasking rule); returns how many were committed."""
+    masked = x_block == mask_id
+    commit = torch.zeros_like(masked)
+    if cfg.threshold is not None:
+        commit = masked & (probs.gather(1, tokens[:, None])[:, 0] > cfg.threshold)
+    if int(commit.sum()) < want:
+        scores = _scores(probs, tokens, cfg.remasking, gen).masked_fill(~masked, -math.inf)
+        scores = scores.masked_fill(commit, math.inf)
+        commit[scores.topk(min(want, int(masked.sum()))).indices] = True
+    x_block.copy_(torch.where(commit, tokens, x_block))
+    return int(commit.sum())
+
+
+def diffusion_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cfg: DiffusionConfig,
+                       spec: Denoiser | None = None, *, do_sample: bool = False, temperature: float = 1.0,
+                       seed: int | None = None, stats: DiffusionStats | None = None) -> torch.Tensor:
+    """Generate ``max_new_tokens`` tokens after ``input_ids`` (batch 1); returns prompt + generation.
+
+    Every forward commits at least one masked position of the current block, so the loop ends after at
+    most ``max_new_tokens`` forwards; a position outside the current block is never committed."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"diffusion decoding takes one non-empty sequence (batch 1), got input_ids of shape "
+                         f"{tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        return input_ids
+    spec = spec or denoiser_for(model)
+    stats = stats if stats is not None else DiffusionStats()
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    denoise = _Denoise(model, spec)
+    total = input_ids.shape[1] + max_new_tokens
+    x = torch.cat([input_ids, input_ids.new_full((1, max_new_tokens), spec.mask_id)], dim=1)
+    start = input_ids.shape[1]
+    with torch.inference_mode():
+        while start < total:
+            kv = BlockKV() if cfg.cache != "none" else None
+            logits = denoise.full(x, kv, start)  # the block's first forward: every position from `start` on
+            stats.full_forwards += 1
+            tokens, probs = _predict(logits, do_sample, temperature, gen)
+            length = min(cfg.block_length, total - start)
+            if cfg.delimiter_threshold is not None:
+                length = _adaptive_length(tokens, probs, length, cfg)
+            end = start + length
+            if kv is not None:
+                kv.keep_outside(start - denoise.lead, total if cfg.cache == "prefix" else end)
+            schedule = [1] * length if cfg.steps_per_block is None else transfer_schedule(length, cfg.steps_per_block)
+            tokens, probs = tokens[:length], probs[:length]
+            stats.block_forwards.append(0)
+            while True:
+                stats.forwards += 1
+                stats.block_forwards[-1] += 1
+                want = schedule.pop(0) if schedule else 1
+                stats.committed.append(_commit(x[0, start:end], tokens, probs, want, cfg, spec.mask_id, gen))
+                if not bool((x[0, start:end] == spec.mask_id).any()):
+                    break
+                if kv is None:
+                    logits = denoise.full(x, None, start)[:length]
+                else:
+                    logits = denoise.window(x, kv, start, total if cfg.cache == "prefix" else end)[:length]
+                tokens, probs = _predict(logits, do_sample, temperature, gen)
+            stats.blocks.append((start - input_ids.shape[1], end - input_ids.shape[1]))
+            start = end
+    return x
+
+
+# --------------------------------------------------------------------------------------------- runtime
+
+
+class DiffusionHandle(TechniqueHandle):
+    """Owns the decode loop of a masked-diffusion model; the model itself is not modified."""
+
+    def __init__(self, cfg: DiffusionConfig, spec: Denoiser) -> None:
+        self.cfg, self.spec = cfg, spec
+        self.last_stats: DiffusionStats | None = None
+
+    def remove(self) -> None:
+        """Nothing to undo: the policy only changes how the loop calls the model."""
+
+    def generate(self, model: Any, input_ids: Any, **kwargs: Any) -> torch.Tensor:
+        self.last_stats = DiffusionStats()
+        return generate_with(model, input_ids, self.cfg, self.spec, self.last_stats, **kwargs)
+
+
+def generate_with(model: Any, input_ids: Any, cfg: DiffusionConfig, spec: Denoiser | None,
+                  stats: DiffusionStats | None = None, **kwargs: Any) -> torch.Tensor:
+    """``generate``-style entry point (HF keyword names) for one configuration: the dense row uses it with
+    :func:`baseline_config`. ``min_new_tokens`` is met by construction (the canvas is ``max_new_tokens`` long);
+    an attention mask must be all ones (batch 1, no padding)."""
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).all()):
+        raise ValueError("diffusion decoding does not take padded inputs (attention_mask has zeros)")
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None:
+        raise ValueError("diffusion decoding needs max_new_tokens (the length of the masked canvas)")
+    return diffusion_generate(model, input_ids, int(max_new), cfg, spec, do_sample=bool(kwargs.get("do_sample")),
+                              temperature=float(kwargs.get("temperature") or 1.0), seed=kwargs.get("seed"),
+                              stats=stats)
+
+
+class DiffusionBlocksRuntime(TechniqueRuntime):
+    """Runtime of ``techniques.diffusion_blocks``: applies to masked-diffusion models only."""
+
+    name = "diffusion_blocks"
+    order = 210
+    owns_generate = True
+    model_kinds = (MASKED_DIFFUSION,)
+
+    def validate(self, section: dict[str, Any], path: str) -> list[str]:
+        return validate_section(section, path)
+
+    def apply(self, model: Any, section: dict[str, Any]) -> DiffusionHandle:
+        cfg = DiffusionConfig.from_section(section)
+        spec = denoiser_for(model)
+        if cfg.cache != "none" and not supports_block_cache(model):
+            raise PolicyError(f"techniques.diffusion_blocks.cache: {type(model).__name__} does not route "
+                              "past_key_values/position_ids to its attention layers; use cache: none")
+        return DiffusionHandle(cfg, spec)
+
+    def json_schema(self) -> dict[str, Any]:
+        number_or_null = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1}
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "block_length": {"type": "integer", "minimum": 1},
+                "steps_per_block": {"type": ["integer", "null"], "minimum": 1},
+                "threshold": number_or_null,
+                "remasking": {"enum": list(REMASKING_RULES)},
+                "delimiter_threshold": number_or_null,
+                "delimiter_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "max_block_length": {"type": ["integer", "null"], "minimum": 1},
+                "cache": {"enum": list(CACHE_MODES)},
+                "seed": {"type": "integer", "minimum": 0},
+            },
+        }
+
+
+register_runtime(DiffusionBlocksRuntime())
