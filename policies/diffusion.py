@@ -63,6 +63,7 @@ __all__ = [
     "DiffusionStats",
     "Denoiser",
     "baseline_config",
+    "baseline_handle",
     "denoiser_for",
     "diffusion_generate",
     "supports_block_cache",
@@ -418,6 +419,11 @@ class DiffusionHandle(TechniqueHandle):
     def generate(self, model: Any, input_ids: Any, **kwargs: Any) -> torch.Tensor:
         self.last_stats = DiffusionStats()
         return generate_with(model, input_ids, self.cfg, self.spec, self.last_stats, **kwargs)
+
+
+def baseline_handle(model: Any) -> DiffusionHandle:
+    """The dense decode of a masked-diffusion model: :func:`baseline_config` (LLaDA, one token per forward)."""
+    return DiffusionHandle(baseline_config(), denoiser_for(model))
 
 
 def generate_with(model: Any, input_ids: Any, cfg: DiffusionConfig, spec: Denoiser | None,

@@ -40,8 +40,12 @@ class PolicyHandle:
             (h for _, h in handles if getattr(h, "owns_generate", False)), None
         )
         self._removed = False
-        # a masked-diffusion model has no `model.generate`: its dense decode is the baseline diffusion loop
-        self._diffusion = self._generator is None and model_kind(model) == "masked-diffusion"
+        if self._generator is None and model_kind(model) == "masked-diffusion":
+            # a denoiser has no `model.generate`: its dense decode is the baseline diffusion loop (one token per
+            # forward), which reports its forwards like any decode-loop owner
+            from policies.diffusion import baseline_handle
+
+            self._generator = baseline_handle(model)
 
     @property
     def techniques(self) -> list[str]:
@@ -67,10 +71,6 @@ class PolicyHandle:
         kwargs.setdefault("do_sample", False)
         if self._generator is not None:
             return self._generator.generate(self.model, input_ids, **kwargs)
-        if self._diffusion:
-            from policies.diffusion import baseline_config, generate_with
-
-            return generate_with(self.model, input_ids, baseline_config(), None, **kwargs)
         if input_ids is None:
             return self.model.generate(**kwargs)
         return self.model.generate(input_ids, **kwargs)

@@ -66,8 +66,27 @@ def section(ctx: SearchContext, block: int, *, tokens_per_step: int | None = 1, 
         doc["threshold"] = float(threshold)
     if delimiter_threshold is not None:
         doc["delimiter_threshold"] = float(delimiter_threshold)
-        doc["delimiter_ids"] = list(ctx.extras.get("diffusion.delimiters", []))
+        doc["delimiter_ids"] = delimiters(ctx)
     return doc
+
+
+def delimiters(ctx: SearchContext) -> list[int]:
+    """The newline tokens of the context's tokenizer (`extras["tokenizer"]`), computed once per context."""
+    if "diffusion.delimiters" not in ctx.extras:
+        tokenizer = ctx.extras.get("tokenizer")
+        if tokenizer is None:
+            raise ValueError("diffusion_blocks needs the tokenizer (SearchContext.extras['tokenizer']) to find "
+                             "AdaBlock's delimiters")
+        ctx.extras["diffusion.delimiters"] = newline_ids(tokenizer)
+    return list(ctx.extras["diffusion.delimiters"])
+
+
+def cache_supported(ctx: SearchContext) -> bool:
+    """Whether the context's model (`extras["model"]`) supports the block KV cache; probed once per context."""
+    if "diffusion.cache_supported" not in ctx.extras:
+        model = ctx.extras.get("model")
+        ctx.extras["diffusion.cache_supported"] = model is not None and supports_block_cache(model)
+    return bool(ctx.extras["diffusion.cache_supported"])
 
 
 class DiffusionBlocksSpace(SearchSpace):
@@ -81,9 +100,10 @@ class DiffusionBlocksSpace(SearchSpace):
         from profilers.denoiser_profiler import profile_denoiser
         from tuner.workload import timing_input_ids
 
-        ctx.extras["diffusion.delimiters"] = newline_ids(tokenizer)
-        cache_ok = supports_block_cache(model)
-        ctx.extras["diffusion.cache_supported"] = cache_ok
+        ctx.extras.setdefault("tokenizer", tokenizer)
+        ctx.extras.setdefault("model", model)
+        delimiters(ctx)
+        cache_ok = cache_supported(ctx)
         prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
         total = prompt + new
         ctx.extras["diffusion.profile"] = profile_denoiser(
@@ -140,13 +160,13 @@ class DiffusionBlocksSpace(SearchSpace):
         delimiter = None
         if trial.suggest_categorical("diffusion.adaptive", [False, True]):
             delimiter = trial.suggest_float("diffusion.delimiter_threshold", 0.1, 0.9)
-        caches = ["none", "prefix", "dual"] if ctx.extras.get("diffusion.cache_supported", True) else ["none"]
+        caches = ["none", "prefix", "dual"] if cache_supported(ctx) else ["none"]
         cache = trial.suggest_categorical("diffusion.cache", caches)
         return section(ctx, block, tokens_per_step=tokens_per_step, threshold=threshold, remasking=remasking,
                        delimiter_threshold=delimiter, cache=cache)
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
-        cache = "prefix" if ctx.extras.get("diffusion.cache_supported", True) else "none"
+        cache = "prefix" if cache_supported(ctx) else "none"
         base = {"diffusion.block": PRESET_BLOCK, "diffusion.remasking": "low_confidence"}
         llada = dict(base, **{"diffusion.mode": "steps", "diffusion.tokens_per_step": 1, "diffusion.adaptive": False,
                               "diffusion.cache": "none"})

@@ -20,6 +20,7 @@ from search_spaces import SearchContext, get_search_space
 from tuner.measure import (
     GenerateFn,
     GenerationSample,
+    forwards_per_token,
     measure_once,
     prefill_kv_cache_mb,
     summarize,
@@ -92,7 +93,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         apply_policy(loaded.model, policy).remove()
         variants.append(Variant("policy", policy))
         ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), workload=workload.as_dict(),
-                            device=device.to_dict(), extras={"model_id": loaded.model_id})
+                            device=device.to_dict(), extras={"model_id": loaded.model_id, "model": loaded.model,
+                                                            "tokenizer": loaded.tokenizer})
         if with_presets:
             variants.extend(_preset_variants(policy, ctx))
         if with_peers:
@@ -109,6 +111,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
     samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}
     kinds: dict[str, str] = {}
     kv_mb: dict[str, float | None] = {}
+    forwards: dict[str, float | None] = {}
     for v in variants:
         with v.apply(loaded.model) as handle:
             generate = v.generate_fn(handle)
@@ -123,6 +126,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         for v in variants:
             with v.apply(loaded.model) as handle:
                 sample, kinds[v.name] = measure_once(v.generate_fn(handle), input_ids, workload.new_tokens, dev)
+                forwards[v.name] = forwards_per_token(handle) if v.generate is None else None
             samples[v.name].append(sample)
         say(f"repeat {r + 1}/{repeats} done")
     results = []
@@ -131,7 +135,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         results.append({"name": v.name, "ttft_ms": m.ttft_ms, "latency_ms": m.latency_ms,
                         "tokens_per_s": m.tokens_per_s, "peak_memory_mb": m.peak_memory_mb,
                         "memory_kind": m.memory_kind, "kv_cache_mb": kv_mb[v.name], "quality": qualities[v.name],
-                        "quality_metric": metric, "source": v.source})
+                        "quality_metric": metric, "source": v.source,
+                        "forwards_per_token": forwards.get(v.name)})
     dense = results[0]
     for row in results:
         row["speedup_latency"] = dense["latency_ms"] / row["latency_ms"]

@@ -168,8 +168,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_json(document)
     else:
         print(f"{document['model']} on {document['device']['id']}: {document['workload']}")
-        print(_table(document["results"], ["name", "ttft_ms", "latency_ms", "tokens_per_s", "peak_memory_mb",
-                                           "quality", "speedup_latency"]))
+        columns = ["name", "ttft_ms", "latency_ms", "tokens_per_s", "peak_memory_mb", "quality", "speedup_latency"]
+        if any(row.get("forwards_per_token") is not None for row in document["results"]):
+            columns.append("forwards_per_token")
+        print(_table(document["results"], columns))
     return EXIT_OK
 
 
@@ -195,7 +197,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     if args.json:
         doc = {"prompt": args.prompt, "completion": text, "policy": source if policy else None}
-        if stats is not None:
+        if hasattr(stats, "forwards_per_token"):  # masked-diffusion decoding
+            doc["diffusion"] = {"forwards": stats.forwards, "tokens": stats.tokens,
+                                "forwards_per_token": round(stats.forwards_per_token, 4),
+                                "blocks": [list(b) for b in stats.blocks]}
+        elif stats is not None:
             doc["speculative"] = {"steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
         _print_json(doc)
     else:

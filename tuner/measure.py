@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -99,3 +100,11 @@ def prefill_kv_cache_mb(forward: Callable[..., object], input_ids: torch.Tensor)
         out = forward(input_ids, use_cache=True)
     cache = getattr(out, "past_key_values", None)
     return None if cache is None else cache_nbytes(cache) / 2**20
+
+
+def forwards_per_token(handle: Any) -> float | None:
+    """Model forwards per generated token of the handle's last generate call, when its decode loop counts them
+    (masked-diffusion decoding); None otherwise."""
+    stats = getattr(handle.decode_owner, "last_stats", None)
+    value = getattr(stats, "forwards_per_token", None)
+    return None if value is None else round(float(value), 4)

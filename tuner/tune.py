@@ -22,7 +22,7 @@ from policies.schema import tool_version
 from policies.store import model_slug
 from profilers.device import DeviceFingerprint, resolve_device, torch_device
 from search_spaces import SearchContext, SearchSpace, get_search_space
-from tuner.measure import GenerationMeasurement, measure_generation
+from tuner.measure import GenerationMeasurement, forwards_per_token, measure_generation
 from tuner.models import LoadedModel, load_model
 from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
 from tuner.study import (
@@ -112,8 +112,10 @@ def check_model_kind(cfg: TuneConfig, model: Any) -> None:
         raise ValueError(f"--quality-metric {cfg.quality_metric}: a masked-diffusion model is scored on accuracy only")
 
 
-def _measured_dict(m: GenerationMeasurement, quality: float, metric: str) -> dict[str, Any]:
-    return {"ttft_ms": round(m.ttft_ms, 4), "latency_ms": round(m.latency_ms, 4),
+def _measured_dict(m: GenerationMeasurement, quality: float, metric: str,
+                   forwards_per_token: float | None = None) -> dict[str, Any]:
+    extra = {} if forwards_per_token is None else {"forwards_per_token_ratio": forwards_per_token}
+    return {**extra, "ttft_ms": round(m.ttft_ms, 4), "latency_ms": round(m.latency_ms, 4),
             "tokens_per_s": round(m.tokens_per_s, 4),
             "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 3),
             "kv_cache_mb": None if m.kv_cache_mb is None else round(m.kv_cache_mb, 4),
@@ -178,6 +180,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     with apply_policy(model, None) as dense:
         baseline = measure_generation(dense.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
                                       repeats=cfg.repeats, forward=dense)
+        baseline_forwards = forwards_per_token(dense)
     say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
     # Lossless techniques only (speculative decoding): every trial must reproduce dense greedy output exactly.
     lossless = all(space.lossless for space in spaces)
@@ -192,7 +195,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
 
     # Cost hooks predict a latency: the objective itself, or end-to-end latency when the objective is tokens/s.
     cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
-    ctx.extras.update(objective=cost_metric, baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric))
+    ctx.extras.update(objective=cost_metric,
+                      baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards))
 
     def evaluate(trial: Any) -> TrialOutcome:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}
@@ -215,7 +219,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             else:
                 measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
                                               torch_device(device), repeats=cfg.repeats, forward=tuned)
-                attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric)
+                attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))
                 attrs["latency_source"] = "measured"
                 objective_value = getattr(measured, cfg.objective)
                 if predicted is not None:
@@ -232,7 +236,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
     _save_trials(trials, handle.study.directions, artefacts, cfg)
 
-    measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric),
+    measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards),
                 "tuned": best.user_attrs["measured"]}
     tuned_value, dense_value = measured["tuned"][cfg.objective], measured["baseline"][cfg.objective]
     if (tuned_value > dense_value) == (OBJECTIVES[cfg.objective] == "minimize"):
@@ -375,7 +379,9 @@ def _save_trials(trials: list[Any], directions: list[Any], artefacts: Path, cfg:
                "latency_source": t.user_attrs.get("latency_source"),
                "preset": t.user_attrs.get("autotune:preset"), "pareto": t.number in front,
                "feasible": (t.constraints or {}).get("quality_budget", 0) <= 0 if t.values else None,
-               "kv_cache_mb": measured.get("kv_cache_mb"), "error": t.user_attrs.get("autotune:error"),
+               "kv_cache_mb": measured.get("kv_cache_mb"),
+               "forwards_per_token": measured.get("forwards_per_token_ratio"),
+               "error": t.user_attrs.get("autotune:error"),
                "params": json.dumps(t.params, sort_keys=True),
                "sections": json.dumps(t.user_attrs.get("sections"), sort_keys=True)}
         # The objective columns hold the study's values (measured, or predicted where timing was skipped).

@@ -22,9 +22,13 @@ Why this recipe:
 - Row kinds per batch: needles in stdlib code (question + answer), pattern lines (zero-shot, padded and
   masked out of attention; or after answered lines), and code windows whose tail is the response (or,
   for a fifth of them, the whole row: plain masked-LM pre-training).  Answer tokens weigh 5x.
-- Phases: 600 steps at 256 tokens, then 100 at 1536 tokens for the ~1.1-1.9k-token needle prompts; then
-  500 pattern-heavy steps at 256 (after the first two phases the needle was at 95% but patterns at 30%:
-  copies came out in the wrong order), and 60 more at 1536 to keep the long context.
+- Phases (`PHASES`): 600 steps at 256 tokens, then 100 at 1536 for the ~1.1-1.9k-token needle prompts.
+  After those two the needle was at 95% but patterns at 30% (copies in the wrong order, progressions never
+  right), so three pattern-heavy rounds followed at falling learning rates (500, 600, 700 steps at 256 with
+  60-75% pattern rows; patterns 40% -> 55% -> 78%), each followed by 60 steps at 1536 to keep the long
+  context, and a last 150 steps at 1536 (60% needles) to win back the needle accuracy the pattern rounds
+  cost.  A diffusion LM learns these tasks much more slowly than the autoregressive tiny did (progressions
+  above all), which is why the recipe grew by rounds.
   bf16 autocast, AdamW (0.9, 0.95), weight decay 0.1, the shared warm-up + cosine schedule
   (`train_tiny.lr_scale`), grad clip 1.0; every phase reseeds everything.
 """
@@ -64,6 +68,11 @@ PHASES = (
     MdmPhase(100, 1536, 2, 5e-4, 0.5, 0.0),
     MdmPhase(500, 256, 16, 1e-3, 0.2, 0.6),
     MdmPhase(60, 1536, 2, 3e-4, 0.5, 0.0),
+    MdmPhase(600, 256, 16, 7e-4, 0.15, 0.7),
+    MdmPhase(60, 1536, 2, 3e-4, 0.5, 0.0),
+    MdmPhase(700, 256, 16, 5e-4, 0.1, 0.75),
+    MdmPhase(60, 1536, 2, 3e-4, 0.5, 0.0),
+    MdmPhase(150, 1536, 2, 3e-4, 0.5, 0.5),
 )
 
 
