@@ -7,7 +7,8 @@ stay masked for the next forward).  How many forwards a token costs is the speed
 
 - **Blocks** (LLaDA's semi-autoregressive decoding): the masks are filled block by block, left to right;
   within a block, ``steps_per_block`` steps commit tokens on LLaDA's linear schedule (the block's masks
-  split evenly over the steps, the first steps taking the remainder).  ``steps_per_block ==
+  split evenly over the steps, the first steps taking the remainder; a shorter last block, or an adaptive
+  one, gets proportionally fewer or more steps).  ``steps_per_block ==
   block_length`` is one token per forward: the baseline (and the ``dense`` row of ``autotune bench``).
 - **Remasking rule**: which predictions a step commits first: ``low_confidence`` (highest top-1
   probability, LLaDA), ``random`` (LLaDA), ``margin`` (top-1 minus top-2 probability, Dream's
@@ -127,6 +128,12 @@ class DiffusionConfig:
         fields = dict(section)
         fields["delimiter_ids"] = tuple(int(i) for i in fields.get("delimiter_ids") or ())
         return cls(**fields)
+
+    def steps_for(self, length: int) -> int:
+        """Steps for a block of ``length`` tokens: ``steps_per_block`` for a full block, proportionally fewer
+        (or more) for a shorter last block or an adaptive one, so tokens per forward stay what the policy says."""
+        steps = self.steps_per_block or length
+        return max(1, math.ceil(steps * length / self.block_length))
 
     @property
     def window(self) -> int:
@@ -383,7 +390,7 @@ def diffusion_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int,
             end = start + length
             if kv is not None:
                 kv.keep_outside(start - denoise.lead, total if cfg.cache == "prefix" else end)
-            schedule = [1] * length if cfg.steps_per_block is None else transfer_schedule(length, cfg.steps_per_block)
+            schedule = [1] * length if cfg.steps_per_block is None else transfer_schedule(length, cfg.steps_for(length))
             tokens, probs = tokens[:length], probs[:length]
             stats.block_forwards.append(0)
             while True:

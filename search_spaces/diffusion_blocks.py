@@ -2,8 +2,9 @@
 
 Parameters an Optuna trial samples (`diffusion.*`):
 - `block`: block length (4 ... 64 tokens; a block longer than the generation is one block);
-- `mode`: `steps` (LLaDA's fixed schedule, `tokens_per_step` 1, 2 or 4 per forward) or `threshold`
-  (Fast-dLLM: every masked position above `threshold` in [0.5, 0.99], at least one per forward);
+- `tokens_per_step`: 1, 2 or 4 tokens committed per forward on LLaDA's fixed schedule;
+- `parallel`: `schedule` (that alone) or `threshold` (Fast-dLLM: also every masked position above
+  `threshold` in [0.5, 0.99]; the schedule is then the floor per forward);
 - `remasking`: low_confidence, random, margin or entropy;
 - `adaptive`: AdaBlock's delimiter-ended blocks, with `delimiter_threshold` in [0.1, 0.9] (delimiters: the
   tokenizer's tokens that end in a newline);
@@ -53,17 +54,15 @@ def newline_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def section(ctx: SearchContext, block: int, *, tokens_per_step: int | None = 1, threshold: float | None = None,
+def section(ctx: SearchContext, block: int, *, tokens_per_step: int = 1, threshold: float | None = None,
             remasking: str = "low_confidence", delimiter_threshold: float | None = None,
             cache: str = "none") -> dict[str, Any]:
-    """A `diffusion_blocks` section; `tokens_per_step` sets the fixed schedule (ignored with a threshold)."""
-    doc: dict[str, Any] = {"block_length": block, "remasking": remasking, "cache": cache}
-    if threshold is None:
-        doc["steps_per_block"] = max(1, math.ceil(block / (tokens_per_step or 1)))
-        doc["threshold"] = None
-    else:
-        doc["steps_per_block"] = None
-        doc["threshold"] = float(threshold)
+    """A `diffusion_blocks` section: `tokens_per_step` sets LLaDA's fixed schedule (with a threshold, the
+    minimum per forward: one token is `steps_per_block: null`)."""
+    steps = max(1, math.ceil(block / tokens_per_step))
+    doc: dict[str, Any] = {"block_length": block, "remasking": remasking, "cache": cache,
+                           "steps_per_block": None if threshold is not None and tokens_per_step == 1 else steps,
+                           "threshold": None if threshold is None else float(threshold)}
     if delimiter_threshold is not None:
         doc["delimiter_threshold"] = float(delimiter_threshold)
         doc["delimiter_ids"] = delimiters(ctx)
@@ -150,11 +149,9 @@ class DiffusionBlocksSpace(SearchSpace):
     # ---------------------------------------------------------------------------------------- suggest
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         block = trial.suggest_categorical("diffusion.block", list(BLOCKS))
-        mode = trial.suggest_categorical("diffusion.mode", ["steps", "threshold"])
-        tokens_per_step, threshold = 1, None
-        if mode == "steps":
-            tokens_per_step = trial.suggest_categorical("diffusion.tokens_per_step", list(TOKENS_PER_STEP))
-        else:
+        tokens_per_step = trial.suggest_categorical("diffusion.tokens_per_step", list(TOKENS_PER_STEP))
+        threshold = None
+        if trial.suggest_categorical("diffusion.parallel", ["schedule", "threshold"]) == "threshold":
             threshold = trial.suggest_float("diffusion.threshold", 0.5, 0.99)
         remasking = trial.suggest_categorical("diffusion.remasking", list(RULES))
         delimiter = None
@@ -167,11 +164,10 @@ class DiffusionBlocksSpace(SearchSpace):
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
         cache = "prefix" if cache_supported(ctx) else "none"
-        base = {"diffusion.block": PRESET_BLOCK, "diffusion.remasking": "low_confidence"}
-        llada = dict(base, **{"diffusion.mode": "steps", "diffusion.tokens_per_step": 1, "diffusion.adaptive": False,
-                              "diffusion.cache": "none"})
-        fast = dict(base, **{"diffusion.mode": "threshold", "diffusion.threshold": 0.9, "diffusion.adaptive": False,
-                             "diffusion.cache": cache})
+        base = {"diffusion.block": PRESET_BLOCK, "diffusion.tokens_per_step": 1,
+                "diffusion.remasking": "low_confidence", "diffusion.adaptive": False}
+        llada = dict(base, **{"diffusion.parallel": "schedule", "diffusion.cache": "none"})
+        fast = dict(base, **{"diffusion.parallel": "threshold", "diffusion.threshold": 0.9, "diffusion.cache": cache})
         ada = dict(fast, **{"diffusion.adaptive": True, "diffusion.delimiter_threshold": 0.3})
         return [
             Preset("llada", llada, section(ctx, PRESET_BLOCK),
@@ -185,13 +181,15 @@ class DiffusionBlocksSpace(SearchSpace):
 
     # ------------------------------------------------------------------------------------------- cost
     def forwards_per_block(self, ctx: SearchContext, cfg: DiffusionConfig, length: int) -> float:
-        """Predicted forwards for a block of `length` tokens: exact for a fixed schedule; for a threshold,
-        the measured forwards per token of the nearest block length, interpolated in the threshold."""
+        """Predicted forwards for a block of `length` tokens: exact for a fixed schedule; with a threshold, the
+        measured forwards per token of the nearest block length, interpolated in the threshold (and never
+        more than the schedule's floor allows)."""
+        steps = float(min(cfg.steps_for(length), length))
         if cfg.threshold is None:
-            return float(min(cfg.steps_per_block or length, length))
+            return steps
         table = ctx.extras.get("diffusion.threshold_forwards")
         if not table:
-            return float(length)
+            return steps
         block = min(BLOCKS, key=lambda b: abs(b - cfg.block_length))
         row = table[str(block)]
         t = min(max(cfg.threshold, THRESHOLD_GRID[0]), THRESHOLD_GRID[-1])
@@ -201,7 +199,7 @@ class DiffusionBlocksSpace(SearchSpace):
             if t <= t1:
                 per_token = f0 + (f1 - f0) * (t - t0) / (t1 - t0)
                 break
-        return max(1.0, min(float(length), per_token * length))
+        return max(1.0, min(steps, per_token * length))
 
     def _forwards_ms(self, ctx: SearchContext, cfg: DiffusionConfig, forwards: list[float], new: int) -> float:
         """Forward latency of a decode with `forwards[i]` forwards in block i (blocks of cfg.block_length)."""

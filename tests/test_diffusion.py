@@ -246,3 +246,9 @@ def test_padded_batches_are_refused(model):
                       attention_mask=torch.tensor([[0] + [1] * 8]))
     with pytest.raises(ValueError, match="batch 1"):
         diffusion_generate(model, prompt().repeat(2, 1), 4, baseline_config())
+
+
+def test_shorter_blocks_keep_the_tokens_per_forward():
+    cfg = DiffusionConfig(block_length=8, steps_per_block=2)  # 4 tokens per forward
+    assert [cfg.steps_for(n) for n in (8, 4, 3, 16)] == [2, 1, 1, 4]
+    assert baseline_config().steps_for(6) == 6

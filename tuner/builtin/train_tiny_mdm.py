@@ -28,8 +28,8 @@ Why this recipe:
   60-75% pattern rows; patterns 40% -> 55% -> 78%), each followed by 60 steps at 1536 to keep the long
   context, and a last 150 steps at 1536 (one needle and one pattern row per step) to win back the needle
   accuracy the pattern rounds cost without losing the patterns (with needles alone, needle went 83% -> 97%
-  but pattern 70% -> 58%).  A diffusion LM learns these tasks much more slowly than the autoregressive tiny did (progressions
-  above all), which is why the recipe grew by rounds.
+  but pattern 70% -> 58%).  A diffusion LM learns these tasks much more slowly than the autoregressive
+  tiny did (progressions above all), which is why the recipe grew by rounds.
   bf16 autocast, AdamW (0.9, 0.95), weight decay 0.1, the shared warm-up + cosine schedule
   (`train_tiny.lr_scale`), grad clip 1.0; every phase reseeds everything.
 """
