@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: install, then on builtin:tiny and this device: profile, tune a token-retention policy,
 # bench it against dense and the paper presets, generate with it, and render a report; then tune a
-# speculative-decoding policy and bench it against dense, the presets and Hugging Face's implementations.
+# speculative-decoding policy and bench it against dense, the presets and Hugging Face's implementations;
+# then tune block sizes and parallel decoding for the masked-diffusion builtin:tiny-mdm and bench them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -25,5 +26,11 @@ SPEC=$(ls "$OUT"/spec-policies/builtin-tiny/*.yaml | head -n 1)
 autotune bench --model builtin:tiny --policy "$SPEC" --tasks pattern --examples 5 --repeats 3
 autotune run --model builtin:tiny --policies "$OUT/spec-policies" --prompt "cycle: red gold red gold |" \
   --max-new-tokens 16
+autotune tune --model builtin:tiny-mdm --techniques diffusion_blocks --objective tokens_per_s \
+  --prompt-tokens 256 --new-tokens 32 --tasks needle,pattern --examples 5 --budget 8 --out "$OUT/mdm-policies"
+MDM=$(ls "$OUT"/mdm-policies/builtin-tiny-mdm/*.yaml | head -n 1)
+autotune bench --model builtin:tiny-mdm --policy "$MDM" --tasks needle,pattern --examples 5 --repeats 3
+autotune run --model builtin:tiny-mdm --policies "$OUT/mdm-policies" --prompt "copy: owl fox bear |" \
+  --max-new-tokens 8
 set +x
-echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC"
+echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC, $MDM"
