@@ -66,6 +66,34 @@ def held_out_quality(model_spec: str, policy, examples: int, seed: int) -> dict[
     return out
 
 
+def cache_cost(model_spec: str, section: dict, examples: int, seed: int) -> dict[str, dict[str, float]]:
+    """The block cache's quality cost: `section` decoded with cache none / prefix / dual on the same held-out
+    examples; accuracy per task and how many generations equal the uncached ones."""
+    from policies.diffusion import DiffusionConfig, diffusion_generate
+    from tuner.models import load_model
+    from tuner.tasks import get_task
+
+    loaded = load_model(model_spec)
+    tok = loaded.tokenizer
+    prompts = {t: [(tok(e.prompt, return_tensors="pt").input_ids, e) for e in get_task(t).examples(examples, seed)]
+               for t in ("needle", "pattern")}
+    uncached: dict[tuple[str, int], list[int]] = {}
+    out: dict[str, dict[str, float]] = {}
+    for cache in ("none", "prefix", "dual"):
+        cfg = DiffusionConfig.from_section({**section, "cache": cache})
+        row: dict[str, float] = {"identical": 0}
+        for name, items in prompts.items():
+            task, hits = get_task(name), 0.0
+            for i, (ids, example) in enumerate(items):
+                generated = diffusion_generate(loaded.model, ids, task.max_new_tokens, cfg)[0, ids.shape[1]:].tolist()
+                uncached.setdefault((name, i), generated)
+                row["identical"] += generated == uncached[(name, i)]
+                hits += task.score(tok.decode(generated, skip_special_tokens=True), example.answer)
+            row[name] = 100.0 * hits / examples
+        out[cache] = row
+    return out
+
+
 def table(document: dict) -> str:
     rows = document["results"]
     by_name = {r["name"]: r for r in rows}
@@ -107,11 +135,21 @@ def main(argv: list[str] | None = None) -> None:
                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.held_out:
         document["held_out"] = held_out_quality(args.model, policy, args.held_out, args.held_out_seed)
+    if args.held_out:
+        document["cache_cost"] = {
+            "fast-dllm": cache_cost(args.model, {"block_length": 32, "steps_per_block": None, "threshold": 0.9},
+                                    args.held_out, args.held_out_seed),
+            "policy": cache_cost(args.model, dict(policy.techniques["diffusion_blocks"]), args.held_out,
+                                 args.held_out_seed)}
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
     print(f"{document['model']} on {document['device']['id']} ({torch.get_num_threads()} threads), "
           f"workload {document['workload']}, {args.repeats} interleaved repeats (medians)\n")
     print(table(document))
+    for name, rows in document.get("cache_cost", {}).items():
+        cells = ", ".join(f"{cache}: needle {r['needle']:.0f} / pattern {r['pattern']:.0f} / identical to uncached "
+                          f"{r['identical']:.0f}" for cache, r in rows.items())
+        print(f"\ncache cost, {name} ({args.held_out} + {args.held_out} held-out examples): {cells}")
 
 
 if __name__ == "__main__":
