@@ -252,3 +252,15 @@ def test_shorter_blocks_keep_the_tokens_per_forward():
     cfg = DiffusionConfig(block_length=8, steps_per_block=2)  # 4 tokens per forward
     assert [cfg.steps_for(n) for n in (8, 4, 3, 16)] == [2, 1, 1, 4]
     assert baseline_config().steps_for(6) == 6
+
+
+def test_denoiser_profile_measures_full_and_windowed_forwards(model):
+    from profilers.denoiser_profiler import profile_denoiser
+
+    rows = profile_denoiser(model, torch.device("cpu"), seq_lens=(24, 12), kv_tokens=16, windows=(2, 8),
+                            warmup=1, repeats=2)
+    assert [r["n_query"] for r in rows["full"]] == [12, 24] and all(r["n_kv"] == 0 for r in rows["full"])
+    assert [(r["n_query"], r["n_kv"]) for r in rows["window"]] == [(2, 16), (8, 16)]
+    assert all(r["ms"] > 0 for r in rows["full"] + rows["window"])
+    assert profile_denoiser(model, torch.device("cpu"), seq_lens=(8,), kv_tokens=4, cache=False,
+                            warmup=0, repeats=1)["window"] == []
