@@ -269,7 +269,6 @@ class DiffusionStats:
     """What one generate call did: forwards run, tokens committed per forward, the blocks decoded."""
 
     forwards: int = 0
-    full_forwards: int = 0
     committed: list[int] = field(default_factory=list)
     block_forwards: list[int] = field(default_factory=list)
     blocks: list[tuple[int, int]] = field(default_factory=list)  # (start, end) offsets into the generation
@@ -382,7 +381,6 @@ def diffusion_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int,
         while start < total:
             kv = BlockKV() if cfg.cache != "none" else None
             logits = denoise.full(x, kv, start)  # the block's first forward: every position from `start` on
-            stats.full_forwards += 1
             tokens, probs = _predict(logits, do_sample, temperature, gen)
             length = min(cfg.block_length, total - start)
             if cfg.delimiter_threshold is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CAUSAL_LM", "DIFFUSION_MODEL_TYPES", "MASKED_DIFFUSION", "is_masked_diffusion", "model_kind"]
+__all__ = ["CAUSAL_LM", "DIFFUSION_MODEL_TYPES", "MASKED_DIFFUSION", "is_masked_diffusion", "kind_problems",
+           "model_kind"]
 
 CAUSAL_LM = "causal-lm"
 MASKED_DIFFUSION = "masked-diffusion"
@@ -26,3 +27,14 @@ def is_masked_diffusion(model: Any) -> bool:
 def model_kind(model: Any) -> str:
     """``"masked-diffusion"`` or ``"causal-lm"``."""
     return MASKED_DIFFUSION if is_masked_diffusion(model) else CAUSAL_LM
+
+
+def kind_problems(model: Any, techniques: Any) -> list[str]:
+    """``"<name>: applies to <kinds> models, not to this <kind> (<class>)"`` for every registered technique in
+    ``techniques`` that does not apply to ``model``'s kind (unknown names are left to validation)."""
+    from policies.registry import registered_runtimes
+
+    runtimes, kind = registered_runtimes(), model_kind(model)
+    return [f"{name}: applies to {' or '.join(runtimes[name].model_kinds)} models, not to this {kind} "
+            f"({type(model).__name__})" for name in techniques
+            if name in runtimes and kind not in getattr(runtimes[name], "model_kinds", (kind,))]

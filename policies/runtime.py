@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from policies.fingerprint import fingerprint_mismatches, model_fingerprint
-from policies.model_kind import model_kind
-from policies.registry import TechniqueHandle, get_runtime, registered_runtimes, runtime_order
+from policies.model_kind import kind_problems, model_kind
+from policies.registry import TechniqueHandle, get_runtime, runtime_order
 from policies.schema import Policy, PolicyError, policy_from_dict, validate_techniques
 
 __all__ = ["PolicyHandle", "apply_policy"]
@@ -122,12 +122,9 @@ def apply_policy(model: Any, policy: Policy | Mapping[str, Any] | None) -> Polic
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a Policy, a mapping or None, got {type(policy).__name__}")
 
-    kind = model_kind(model)
-    wrong_kind = [f"techniques.{name}: applies to {' or '.join(get_runtime(name).model_kinds)} models, not to "
-                  f"this {kind} ({type(model).__name__})" for name in policy.techniques
-                  if name in registered_runtimes() and kind not in getattr(get_runtime(name), "model_kinds", (kind,))]
+    wrong_kind = kind_problems(model, policy.techniques)
     if wrong_kind:
-        raise PolicyError(wrong_kind, policy.source)
+        raise PolicyError([f"techniques.{problem}" for problem in wrong_kind], policy.source)
     mismatches = fingerprint_mismatches(policy.model.fingerprint, model_fingerprint(model))
     if mismatches:
         raise PolicyError(f"policy is for another model: {', '.join(mismatches)}", policy.source)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from policies.model_kind import model_kind
-from policies.runtime import PolicyHandle
+from policies.runtime import apply_policy
 from tuner.tasks import code_samples, get_task
 
 QUALITY_METRICS = ("accuracy", "top1_agreement", "mean_kl")
@@ -150,7 +150,7 @@ class QualityHarness:
 
     def _dense_generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         # the dense policy handle: `model.generate` for a causal LM, the baseline loop for a diffusion model
-        return PolicyHandle(self.model, None, []).generate(
+        return apply_policy(self.model, None).generate(
             input_ids, max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 

@@ -99,16 +99,12 @@ def check_config(cfg: TuneConfig) -> list[SearchSpace]:
 def check_model_kind(cfg: TuneConfig, model: Any) -> None:
     """Refuse techniques for another kind of model (a causal LM's token dropping on a denoiser, diffusion
     decoding on a causal LM) and metrics the model cannot be scored on, before any profiling."""
-    from policies.model_kind import MASKED_DIFFUSION, model_kind
-    from policies.registry import get_runtime
+    from policies.model_kind import MASKED_DIFFUSION, kind_problems, model_kind
 
-    kind = model_kind(model)
-    for name in cfg.techniques:
-        kinds = getattr(get_runtime(name), "model_kinds", (kind,))
-        if kind not in kinds:
-            raise ValueError(f"--techniques {name}: applies to {' or '.join(kinds)} models, and {cfg.model} is a "
-                             f"{kind}")
-    if kind == MASKED_DIFFUSION and cfg.quality_metric != "accuracy":
+    problems = kind_problems(model, cfg.techniques)
+    if problems:
+        raise ValueError(f"--techniques {problems[0]}")
+    if model_kind(model) == MASKED_DIFFUSION and cfg.quality_metric != "accuracy":
         raise ValueError(f"--quality-metric {cfg.quality_metric}: a masked-diffusion model is scored on accuracy only")
 
 

@@ -141,32 +141,46 @@ def new_model(tokenizer, shape: dict):
                                         **shape))
 
 
+def optimise(model, steps: int, lr: float, step_loss, log, label: dict) -> None:
+    """The loop every built-in recipe runs: AdamW (0.9, 0.95), weight decay 0.1, `lr_scale`'s schedule, grad
+    clip 1.0. `step_loss()` draws the step's batch and returns (loss, report); every 25 steps `report()` gives
+    the fields logged after `label` (a callable, because computing them costs host syncs)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    start = time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_scale(step, steps)
+        loss, report = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            log({**label, "step": step, **report(), "s": round(time.time() - start)})
+    model.eval()
+
+
 def run_phase(model, tokenizer, code_ids: list[int], phase: Phase, log) -> None:
     """One phase, reseeded (torch and data) so that each phase reproduces on its own."""
     torch.manual_seed(0)
     batches = Batches(tokenizer, code_ids, seed=0)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    start = time.time()
-    for step in range(1, phase.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = phase.lr * lr_scale(step, phase.steps)
+
+    def step_loss():
         x, w = batches.batch(phase)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=x[:, :-1]).logits
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                              reduction="none").view_as(w)
         loss = (ce * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0:
-            answer = w > 1
-            acc = (logits.argmax(-1) == x[:, 1:])[answer].float().mean().item()
-            log({"phase": phase.seq_len, "step": step, "loss": round(loss.item(), 3),
-                 "answer_acc": round(acc, 3), "s": round(time.time() - start)})
-    model.eval()
+
+        def report() -> dict:
+            acc = (logits.argmax(-1) == x[:, 1:])[w > 1].float().mean().item()
+            return {"loss": round(loss.item(), 3), "answer_acc": round(acc, 3)}
+
+        return loss, report
+
+    optimise(model, phase.steps, phase.lr, step_loss, log, {"phase": phase.seq_len})
 
 
 def main(argv: list[str] | None = None) -> None:

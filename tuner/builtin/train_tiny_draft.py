@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from tuner.builtin.train_tiny import PHASES, Batches, Phase, code_token_ids, lr_scale, new_model, run_phase
+from tuner.builtin.train_tiny import PHASES, Batches, Phase, code_token_ids, new_model, optimise, run_phase
 
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True)
@@ -36,12 +35,8 @@ def distill_phase(student, teacher, tokenizer, code_ids: list[int], phase: Phase
     """KL(teacher || student) per position, weighted like the CE phases; reseeded like `run_phase`."""
     torch.manual_seed(1)
     batches = Batches(tokenizer, code_ids, seed=1)
-    student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    start = time.time()
-    for step in range(1, phase.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = phase.lr * lr_scale(step, phase.steps)
+
+    def step_loss():
         x, w = batches.batch(phase)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             target_lp = torch.log_softmax(teacher(input_ids=x[:, :-1]).logits.float(), -1)
@@ -51,15 +46,14 @@ def distill_phase(student, teacher, tokenizer, code_ids: list[int], phase: Phase
         lp = torch.log_softmax(logits.float(), -1)
         kl = (target_lp.exp() * (target_lp - lp)).sum(-1)
         loss = (kl * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0:
+
+        def report() -> dict:
             agree = (logits.argmax(-1) == target_lp.argmax(-1)).float().mean().item()
-            log({"distill": phase.seq_len, "step": step, "kl": round(loss.item(), 4), "top1_agree": round(agree, 3),
-                 "s": round(time.time() - start)})
-    student.eval()
+            return {"kl": round(loss.item(), 4), "top1_agree": round(agree, 3)}
+
+        return loss, report
+
+    optimise(student, phase.steps, phase.lr, step_loss, log, {"distill": phase.seq_len})
 
 
 def main(argv: list[str] | None = None) -> None:

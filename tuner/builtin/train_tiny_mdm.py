@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tuner.builtin.train_tiny import Batches, code_token_ids, lr_scale
+from tuner.builtin.train_tiny import Batches, code_token_ids, optimise
 
 MASK_TOKEN = "<mask>"
 ANSWER_WEIGHT = 5.0
@@ -176,26 +176,17 @@ def mdm_loss(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tenso
 
 
 def run_phase(model, tokenizer, code_ids: list[int], phase: MdmPhase, mask_id: int, log) -> None:
+    """One phase, reseeded (torch, masking and data) so that each phase reproduces on its own."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     batches = MdmBatches(tokenizer, code_ids, seed=0)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    start = time.time()
-    for step in range(1, phase.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = phase.lr * lr_scale(step, phase.steps)
+
+    def step_loss():
         ids, response, weight, attend = batches.mdm_batch(phase)
-        masked = noise(ids, response, gen)
-        loss, hit = mdm_loss(model, ids, masked, weight, attend, mask_id)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0:
-            log({"phase": phase.seq_len, "step": step, "loss": round(loss.item(), 3),
-                 "masked_acc": round(hit.item(), 3), "s": round(time.time() - start)})
-    model.eval()
+        loss, hit = mdm_loss(model, ids, noise(ids, response, gen), weight, attend, mask_id)
+        return loss, lambda: {"loss": round(loss.item(), 3), "masked_acc": round(hit.item(), 3)}
+
+    optimise(model, phase.steps, phase.lr, step_loss, log, {"phase": phase.seq_len})
 
 
 def init_from_tiny(tokenizer):
