@@ -23,7 +23,7 @@ stay masked for the next forward).  How many forwards a token costs is the speed
   every layer's keys and values; the block's later forwards recompute only a window (``prefix``: the block
   and everything after it; ``dual``: the block alone) and attend to the kept keys/values of the rest.
   Approximate because, with bidirectional attention, the kept positions would have seen the block's newly
-  committed tokens.  Only models whose attention layers take ``past_key_values`` and ``position_ids``
+  committed tokens.  Only models whose attention layers take a cache and ``position_ids``
   through ``forward`` support it (Llama-layout encoders such as EuroBERT / ``builtin:tiny-mdm``); this is
   probed, exactly, when a policy asking for it is applied.
 
@@ -56,6 +56,7 @@ import torch
 from policies.model_kind import DIFFUSION_MODEL_TYPES, MASKED_DIFFUSION
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError, is_number
+from profilers.hf_compat import cache_arg
 
 __all__ = [
     "CACHE_MODES",
@@ -243,7 +244,7 @@ class BlockKV:
 
 
 def supports_block_cache(model: Any) -> bool:
-    """Whether ``model``'s forward routes ``past_key_values`` and ``position_ids`` to every attention layer,
+    """Whether ``model``'s forward routes its cache keyword and ``position_ids`` to every attention layer,
     checked exactly: a windowed forward over recorded keys/values must reproduce the full forward's logits."""
     vocab = int(model.get_input_embeddings().weight.shape[0])
     device = model.get_input_embeddings().weight.device
@@ -251,11 +252,12 @@ def supports_block_cache(model: Any) -> bool:
     try:
         with torch.inference_mode():
             kv = BlockKV()
-            full = model(ids, past_key_values=kv).logits
+            full = model(ids, **cache_arg(model, kv)).logits
             if kv.layers == 0:
                 return False
             kv.keep_outside(3, 6)
-            part = model(ids[:, 3:6], past_key_values=kv, position_ids=torch.arange(3, 6, device=device)[None]).logits
+            positions = torch.arange(3, 6, device=device)[None]
+            part = model(ids[:, 3:6], **cache_arg(model, kv), position_ids=positions).logits
     except (TypeError, ValueError, RuntimeError, KeyError):
         return False
     return bool(torch.allclose(part.float(), full[:, 3:6].float(), atol=1e-4, rtol=1e-3))
@@ -297,14 +299,14 @@ class _Denoise:
 
     def full(self, x: torch.Tensor, kv: BlockKV | None, start: int) -> torch.Tensor:
         """A forward over all of ``x``; logits predicting positions ``[start, len(x))``."""
-        logits = self.model(x, past_key_values=kv).logits if kv is not None else self.model(x).logits
+        logits = self.model(x, **cache_arg(self.model, kv)).logits if kv is not None else self.model(x).logits
         return self._rows(logits, start, x.shape[1])
 
     def window(self, x: torch.Tensor, kv: BlockKV, start: int, end: int) -> torch.Tensor:
         """A forward over ``[start - lead, end)`` only; logits predicting positions ``[start, end)``."""
         lo = start - self.lead
         positions = torch.arange(lo, end, device=x.device)[None]
-        logits = self.model(x[:, lo:end], past_key_values=kv, position_ids=positions).logits
+        logits = self.model(x[:, lo:end], **cache_arg(self.model, kv), position_ids=positions).logits
         return self._rows(logits, self.lead, end - lo)
 
 
@@ -465,7 +467,7 @@ class DiffusionBlocksRuntime(TechniqueRuntime):
         spec = denoiser_for(model)
         if cfg.cache != "none" and not supports_block_cache(model):
             raise PolicyError(f"techniques.diffusion_blocks.cache: {type(model).__name__} does not route "
-                              "past_key_values/position_ids to its attention layers; use cache: none")
+                              "its cache/position_ids to its attention layers; use cache: none")
         return DiffusionHandle(cfg, spec)
 
     def json_schema(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from policies.tree_attention import compact_cache, node_depths, tree_attention_mask, tree_position_ids
+from profilers.hf_compat import cache_arg, new_dynamic_cache
 
 
 @dataclass
@@ -274,22 +275,20 @@ class ModelDrafter(Drafter):
             for i, p in enumerate(self.shape):
                 self._children.setdefault(p, []).append(i)
             self._by_depth = [[i for i, d in enumerate(depths) if d == k] for k in range(max(depths, default=-1) + 1)]
-        self.cache: Any = None
+        self.kv: Any = None
         self.n_cached = 0
         self._fed: dict[int, int] = {}  # node index -> position among the tree tokens fed this step
 
     # -- sequence state ---------------------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.lm.config)
+        self.kv = new_dynamic_cache(self.lm.config)
         self.n_cached = 0
         self._fed = {}
 
     def commit(self, accepted: Sequence[int]) -> None:
         """Keep the draft cache's committed part plus the accepted nodes it has already run over."""
         fed_path = [self._fed[node] for node in accepted if node in self._fed]
-        compact_cache(self.cache, self.n_cached, fed_path)
+        compact_cache(self.kv, self.n_cached, fed_path)
         self.n_cached += len(fed_path)
         self._fed = {}
 
@@ -298,7 +297,7 @@ class ModelDrafter(Drafter):
         """Logits (n, vocab) of `tokens` appended to the cache; `parents` over all tree tokens fed so far
         this step (the new ones last) gives the tree mask, None means a plain chain."""
         ids = torch.tensor([tokens], device=self.device)
-        kwargs: dict[str, Any] = {"past_key_values": self.cache, "use_cache": True}
+        kwargs: dict[str, Any] = {**cache_arg(self.lm, self.kv), "use_cache": True}
         if parents is not None:
             mask = tree_attention_mask(parents, self.n_cached, device=self.device)
             kwargs["attention_mask"] = mask[:, :, -len(tokens):]

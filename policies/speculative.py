@@ -53,6 +53,7 @@ from policies.tree_attention import (
     tree_position_ids,
     validate_parents,
 )
+from profilers.hf_compat import cache_arg, new_dynamic_cache
 
 NAME = "speculative"
 SECTION_PATH = f"techniques.{NAME}"
@@ -113,8 +114,6 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
                          min_new_tokens: int = 0, eos_token_id: int | Sequence[int] | None = None,
                          stats: SpeculativeStats | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens after `input_ids` (batch 1); returns prompt + new tokens."""
-    from transformers import DynamicCache
-
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding runs at batch 1, got input of shape {tuple(input_ids.shape)}")
     sampling = sampling or Sampling()
@@ -122,11 +121,11 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     device = input_ids.device
     dtype = next(model.parameters()).dtype
-    cache = DynamicCache(config=model.config)
+    cache = new_dynamic_cache(model.config)
     generated: list[int] = []
     with torch.inference_mode():
         drafter.begin(input_ids)
-        prefill = model(input_ids, past_key_values=cache, use_cache=True).logits
+        prefill = model(input_ids, **cache_arg(model, cache), use_cache=True).logits
         if prefill.shape[1] == input_ids.shape[1]:  # token retention returns fewer rows: the last is the prompt's
             drafter.observe(input_ids[0], prefill[0])
         else:
@@ -139,7 +138,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: in
             draft = drafter.propose(context, sampling, generator)
             n_past = cache.get_seq_length()
             ids, mask, positions = _verify_inputs(context[-1], draft, n_past, device, dtype)
-            out = model(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
+            out = model(ids, **cache_arg(model, cache), use_cache=True, attention_mask=mask, position_ids=positions)
             rows = out.logits[0].float()
             drafter.observe(ids[0], rows)
             _suppress_eos(rows, len(generated), draft.parents, min_new_tokens, eos)

@@ -31,7 +31,7 @@ layers take ``position_embeddings=(cos, sin)`` and whose attention goes through 
 
 Positions, caches and masks (the design choice). Each layer's ``DynamicCache`` entry holds only the tokens
 that layer kept, so per-layer KV lengths differ. Hugging Face derives decode positions and the mask size from
-``past_key_values.get_seq_length()``, i.e. layer 0's length (transformers#35168). We therefore **require
+the cache's ``get_seq_length()``, i.e. layer 0's length (transformers#35168). We therefore **require
 ``keep[0] == 1.0``**: layer 0 holds every token, so HF's decode positions ``p = prompt_len + t`` and
 ``generate``'s bookkeeping stay right, and layer 0 is the first scoring layer (no schedule drops before any
 layer has looked at the tokens). For the shorter layers HF's mask has the wrong width, so the runtime tracks
@@ -78,6 +78,7 @@ from torch import nn
 
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError, is_number
+from profilers.hf_compat import hook_cache
 from profilers.model_parts import decoder_parts
 from profilers.peak_memory import cache_nbytes  # noqa: F401 - re-exported: measured KV-cache size
 
@@ -464,7 +465,7 @@ class _Retention:
             return
         batch, q_len = int(ref.shape[0]), int(ref.shape[1])
         device = ref.device
-        cache = bound.get("past_key_values", extra.get("past_key_values"))
+        cache = hook_cache({**extra, **bound})
         mask = bound.get("attention_mask", extra.get("attention_mask"))
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         spec, seq = self.spec, self.seq
@@ -544,7 +545,7 @@ class _Retention:
         fwd, seq = self.fwd, self.seq
         if fwd is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = hook_cache(kwargs)
         if layer == 0:
             fwd.has_cache = cache is not None
             if fwd.fresh and cache is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from profilers.hf_compat import cache_arg
 from profilers.timing import time_callable
 
 DEFAULT_WINDOWS = (2, 4, 8, 16, 32, 64, 128)
@@ -47,11 +48,11 @@ def profile_denoiser(model: Any, device: torch.device, seq_lens: Sequence[int], 
         for q in sorted({int(w) for w in windows}):
             ids = _ids(kv_tokens + q, vocab, gen, device)
             kv = BlockKV()
-            model(ids, past_key_values=kv)
+            model(ids, **cache_arg(model, kv))
             kv.keep_outside(kv_tokens, kv_tokens + q)
             part = ids[:, kv_tokens:]
             positions = torch.arange(kv_tokens, kv_tokens + q, device=device)[None]
             ms = time_callable(lambda part=part, kv=kv, positions=positions: model(
-                part, past_key_values=kv, position_ids=positions), device, warmup=warmup, repeats=repeats).median_ms
+                part, **cache_arg(model, kv), position_ids=positions), device, warmup=warmup, repeats=repeats).median_ms
             rows["window"].append({"n_query": q, "n_kv": kv_tokens, "ms": ms})
     return rows

@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .hf_compat import cache_arg, hook_cache, new_dynamic_cache
 from .model_parts import decoder_parts
 from .timing import Timer, as_torch_device, synchronize
 
@@ -296,15 +297,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _new_cache(model: nn.Module) -> Any:
     """A fresh ``DynamicCache`` laid out for this model (sliding-window layers where the config says)."""
-    from transformers import DynamicCache
-
-    config = getattr(model, "config", None)
-    if config is not None:
-        try:
-            return DynamicCache(config=config)
-        except TypeError:  # transformers 4.x DynamicCache() takes no config
-            pass
-    return DynamicCache()
+    return new_dynamic_cache(getattr(model, "config", None))
 
 
 def _crop_cache(cache: Any, n_tokens: int) -> bool:
@@ -398,7 +391,7 @@ def profile_model(
                 step_ids = torch.randint(0, vocab, (batch_size, n_tokens), generator=gen).to(dev)
 
                 def prepare() -> dict[str, Any]:
-                    return {"input_ids": step_ids, "past_key_values": _new_cache(model), "use_cache": True}
+                    return {"input_ids": step_ids, **cache_arg(model, _new_cache(model)), "use_cache": True}
 
                 def check(kw: dict[str, Any]) -> None:
                     return None
@@ -411,17 +404,17 @@ def profile_model(
 
                 def build() -> Any:
                     cache = _new_cache(model)
-                    model(input_ids=ctx_ids, past_key_values=cache, use_cache=True, **extra_kwargs)
+                    model(input_ids=ctx_ids, **cache_arg(model, cache), use_cache=True, **extra_kwargs)
                     return cache
 
                 def prepare() -> dict[str, Any]:
                     if state["cache"] is None or not _crop_cache(state["cache"], n_tokens):
                         state["cache"] = None
                         state["cache"] = build()
-                    return {"input_ids": step_ids, "past_key_values": state["cache"], "use_cache": True}
+                    return {"input_ids": step_ids, **cache_arg(model, state["cache"]), "use_cache": True}
 
                 def check(kw: dict[str, Any]) -> None:
-                    got = kw["past_key_values"].get_seq_length()
+                    got = hook_cache(kw).get_seq_length()
                     if got != n_tokens + n_query:
                         raise RuntimeError(f"decode step left {got} cached tokens, expected {n_tokens + n_query}")
 

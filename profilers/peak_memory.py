@@ -61,11 +61,11 @@ class PeakMemory:
             self.peak_mb = None if hwm is None else max(hwm - self._start, 0) / 1024
 
 
-def cache_nbytes(past_key_values: object) -> int:
+def cache_nbytes(cache: object) -> int:
     """Bytes of keys + values held by a Hugging Face cache (`DynamicCache` and friends, per-layer lengths
     included): what benchmarks report as KV-cache size."""
     total = 0
-    for layer in getattr(past_key_values, "layers", []):
+    for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()

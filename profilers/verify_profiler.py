@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from policies.tree_attention import compact_cache, tree_attention_mask, tree_position_ids
+from profilers.hf_compat import cache_arg, new_dynamic_cache
 from profilers.timing import synchronize
 
 DEFAULT_QUERY_TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -33,17 +34,15 @@ def profile_verify(lm: Any, device: torch.device, n_kv: Sequence[int], n_query: 
     `passes` separate sweeps, each point keeps the lowest of its per-sweep medians (interference only ever
     adds time), and the curve is then made non-decreasing in `n_query` from the right (a forward over more
     tokens is never faster, so a bump above a later point is noise)."""
-    from transformers import DynamicCache
-
     vocab = vocab_size or lm.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     best: dict[tuple[int, int], float] = {}
     with torch.inference_mode():
         caches = {}
         for kv in n_kv:
-            caches[int(kv)] = DynamicCache(config=lm.config)
+            caches[int(kv)] = new_dynamic_cache(lm.config)
             prefix = torch.randint(0, vocab, (1, int(kv)), generator=gen).to(device)
-            lm(prefix, past_key_values=caches[int(kv)], use_cache=True)
+            lm(prefix, **cache_arg(lm, caches[int(kv)]), use_cache=True)
         for _ in range(max(1, passes)):
             for kv, cache in caches.items():
                 for q in n_query:
@@ -70,7 +69,7 @@ def _median_forward_ms(lm: Any, cache: Any, kv: int, q: int, vocab: int, gen: to
     for r in range(warmup + repeats):
         synchronize(device)
         start = time.perf_counter()
-        lm(ids, past_key_values=cache, use_cache=True, attention_mask=mask, position_ids=positions)
+        lm(ids, **cache_arg(lm, cache), use_cache=True, attention_mask=mask, position_ids=positions)
         compact_cache(cache, kv, [])
         synchronize(device)
         if r >= warmup:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from policies.activation_sparsity import GROUPS, SparsifiedInputs, calibrate_thresholds
+from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 from tuner.tasks import code_samples
 
@@ -132,8 +133,8 @@ def test_sparse_row_kernels_equal_masking_at_decode_and_remove_restores(tiny, mo
     def decode_step_logits(section):
         with torch.inference_mode(), apply_policy(tiny.model, _policy(tiny.model, section)):
             cache = DynamicCache(config=tiny.model.config)
-            tiny.model(ids[:, :-1], past_key_values=cache, use_cache=True)  # several rows: the dense path
-            return tiny.model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+            tiny.model(ids[:, :-1], **cache_arg(tiny.model, cache), use_cache=True)  # several rows: the dense path
+            return tiny.model(ids[:, -1:], **cache_arg(tiny.model, cache), use_cache=True).logits
 
     expected = decode_step_logits(masking)
     assert not calls

@@ -22,6 +22,7 @@ from policies.diffusion import (
 from policies.model_kind import model_kind
 from policies.registry import get_runtime
 from policies.schema import PolicyError
+from profilers.hf_compat import cache_arg
 
 VOCAB, MASK, NEWLINE = 64, 63, 10
 
@@ -172,9 +173,9 @@ def test_block_cache_is_exact_for_the_positions_it_recomputes(model):
     ids = prompt(14)
     kv = BlockKV()
     with torch.inference_mode():
-        full = model(ids, past_key_values=kv).logits
+        full = model(ids, **cache_arg(model, kv)).logits
         kv.keep_outside(5, 9)
-        part = model(ids[:, 5:9], past_key_values=kv, position_ids=torch.arange(5, 9)[None]).logits
+        part = model(ids[:, 5:9], **cache_arg(model, kv), position_ids=torch.arange(5, 9)[None]).logits
     assert torch.allclose(part, full[:, 5:9], atol=1e-5)
 
 
@@ -194,7 +195,7 @@ def test_the_cache_probe_is_generic_and_refuses_models_that_ignore_it():
     assert model_kind(bert) == "masked-diffusion" and supports_block_cache(bert)  # BERT's attention takes a Cache
 
     class NoCache(EuroBertForMaskedLM):  # a model whose forward drops the cache and the positions
-        def forward(self, input_ids=None, past_key_values=None, position_ids=None, **kwargs):
+        def forward(self, input_ids=None, past_key_values=None, cache=None, position_ids=None, **kwargs):
             return super().forward(input_ids=input_ids, **kwargs)
 
     plain = denoiser(False)

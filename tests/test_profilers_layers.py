@@ -24,6 +24,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from profilers.hf_compat import hook_cache
 from profilers.layer_profiler import (
     CURVE_COLUMNS,
     CurveInterpolator,
@@ -204,7 +205,7 @@ def test_decode_uses_a_fixed_cache_length(llama: nn.Module) -> None:
 
     def spy(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = hook_cache(kwargs)
         seen.append((hidden.shape[1], cache.get_seq_length() if cache is not None else -1))
 
     handle = llama.model.layers[0].register_forward_pre_hook(spy, with_kwargs=True)

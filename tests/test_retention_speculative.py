@@ -21,6 +21,7 @@ from policies.speculative import SpeculativeStats, speculative_generate
 from policies.testing import make_policy_dict
 from policies.token_retention import TokenRetentionRuntime
 from policies.tree_attention import compact_cache, path_to, tree_attention_mask, tree_position_ids
+from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 from tuner.tasks import get_task
 
@@ -124,7 +125,7 @@ def test_tree_rows_equal_each_path_decoded_on_its_own(tiny, prompts, impl):
 
     def prefill(handle):
         cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_arg(model, cache), use_cache=True)
         assert handle.kv_lengths()[-1] < ids.shape[1]
         return cache
 
@@ -139,7 +140,7 @@ def test_tree_rows_equal_each_path_decoded_on_its_own(tiny, prompts, impl):
                 hooks = [model.model.layers[i].register_forward_pre_hook(capture(i), with_kwargs=True)
                          for i in (0, 1)]
                 try:
-                    rows = model(torch.tensor([tokens]), past_key_values=cache, use_cache=True, attention_mask=mask,
+                    rows = model(torch.tensor([tokens]), **cache_arg(model, cache), use_cache=True, attention_mask=mask,
                                  position_ids=tree_position_ids(VERIFY_PARENTS, n_past)).logits[0]
                 finally:
                     for h in hooks:
@@ -149,7 +150,7 @@ def test_tree_rows_equal_each_path_decoded_on_its_own(tiny, prompts, impl):
                 for node in range(len(tokens)):
                     path = path_to(VERIFY_PARENTS, node)
                     chain = prefill(handle)
-                    solo = model(torch.tensor([[tokens[i] for i in path]]), past_key_values=chain,
+                    solo = model(torch.tensor([[tokens[i] for i in path]]), **cache_arg(model, chain),
                                  use_cache=True).logits[0, -1]
                     torch.testing.assert_close(rows[node], solo, atol=2e-4, rtol=1e-4)
             finally:
@@ -164,7 +165,7 @@ def test_compaction_remaps_the_pruned_layers_slots(tiny, prompts):
         handle = TokenRetentionRuntime().apply(model, KEEP)
         state = handle._state
         cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_arg(model, cache), use_cache=True)
         seq = state.seq
         pruned = [i for i, p in enumerate(seq.pruned) if p]
         assert pruned == [2, 3, 4, 5]
@@ -173,7 +174,7 @@ def test_compaction_remaps_the_pruned_layers_slots(tiny, prompts):
 
         n_past = cache.get_seq_length()
         n_tree = len(VERIFY_PARENTS)
-        model(torch.tensor([[11, 22, 33, 44, 55]]), past_key_values=cache, use_cache=True,
+        model(torch.tensor([[11, 22, 33, 44, 55]]), **cache_arg(model, cache), use_cache=True,
               attention_mask=tree_attention_mask(VERIFY_PARENTS, n_past),
               position_ids=tree_position_ids(VERIFY_PARENTS, n_past))
         keep = [0, 2, 4]  # root, then the second branch
@@ -186,9 +187,9 @@ def test_compaction_remaps_the_pruned_layers_slots(tiny, prompts):
             assert torch.equal(slots[-len(keep):], n_past + torch.arange(len(keep)))
 
         # A decode step after the compaction sees consistent lengths; the next tree compacts the same way.
-        model(torch.tensor([[66]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[66]]), **cache_arg(model, cache), use_cache=True)
         n_past = cache.get_seq_length()
-        model(torch.tensor([[11, 22, 33, 44, 55]]), past_key_values=cache, use_cache=True,
+        model(torch.tensor([[11, 22, 33, 44, 55]]), **cache_arg(model, cache), use_cache=True,
               attention_mask=tree_attention_mask(VERIFY_PARENTS, n_past),
               position_ids=tree_position_ids(VERIFY_PARENTS, n_past))
         compact_cache(cache, n_past, [0, 1])

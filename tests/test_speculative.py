@@ -18,6 +18,7 @@ from policies.drafters import (
     trie,
 )
 from policies.speculative import SpeculativeStats, chain, speculative_generate
+from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 
 PROMPTS = ["copy: owl fox bear heron whale |", "cycle: red gold red gold red gold |",
@@ -133,12 +134,12 @@ def test_draft_cache_holds_exactly_the_committed_tokens(tiny):
             drafter.begin(input_ids)
 
         def propose(self, context, sampling, generator):
-            if drafter.cache is not None and drafter.n_cached:
+            if drafter.kv is not None and drafter.n_cached:
                 from transformers import DynamicCache
 
                 ref = DynamicCache(config=tiny.model.config)
-                drafter.lm(torch.tensor([context[:drafter.n_cached]]), past_key_values=ref, use_cache=True)
-                for ours, want in zip(drafter.cache.layers, ref.layers, strict=True):
+                drafter.lm(torch.tensor([context[:drafter.n_cached]]), **cache_arg(drafter.lm, ref), use_cache=True)
+                for ours, want in zip(drafter.kv.layers, ref.layers, strict=True):
                     if want.is_initialized:
                         assert torch.allclose(ours.keys, want.keys, atol=1e-4)
             return drafter.propose(context, sampling, generator)

@@ -41,6 +41,7 @@ from policies.token_retention import (
     select_kept,
     validate_section,
 )
+from profilers.hf_compat import cache_arg, output_cache
 from profilers.model_parts import decoder_parts
 
 VOCAB = 160
@@ -301,7 +302,7 @@ def test_schedule_kv_lengths_sinks_and_window(scorer: str) -> None:
         assert counts == [120, 120, 72, 72, 36, 24]
         assert handle.last_counts == counts
         assert handle.kv_lengths() == counts
-        assert [out.past_key_values.get_seq_length(i) for i in range(6)] == counts
+        assert [output_cache(out).get_seq_length(i) for i in range(6)] == counts
         assert out.logits.shape[1] == counts[-1]
         previous = set(range(n))
         for layer, kept in enumerate(handle.last_kept_indices):
@@ -390,7 +391,7 @@ def test_decode_after_pruned_prefill_matches_reference(
         handle = apply(model, keep=keep, window=8, sinks=4, min_prompt_tokens=16)
         try:
             out = model(ids, use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             logits = [out.logits[0, -1]]
             kept = [k.clone() for k in handle.last_kept_indices]
             prefill_rows = out.logits[0]
@@ -398,7 +399,7 @@ def test_decode_after_pruned_prefill_matches_reference(
             for _ in range(steps):
                 tok = logits[-1].argmax()
                 tokens.append(int(tok))
-                out = model(tok.view(1, 1), past_key_values=cache, use_cache=True)
+                out = model(tok.view(1, 1), **cache_arg(model, cache), use_cache=True)
                 logits.append(out.logits[0, -1])
             assert [cache.get_seq_length(i) for i in range(5)] == [c + steps for c in kept_counts(keep, n)]
             generated = model.generate(ids, max_new_tokens=steps + 1, do_sample=False)
@@ -421,18 +422,18 @@ def test_cache_crop_and_multi_token_continuation_keep_positions() -> None:
         handle = apply(model, keep=[1.0, 1.0, 0.5, 0.5, 0.25], min_prompt_tokens=16)
         try:
             out = model(prompt(n, seed=3))
-            cache = out.past_key_values
+            cache = output_cache(out)
             tokens, logits = [], []
             tok = out.logits[0, -1].argmax()
             for _ in range(3):
                 tokens.append(tok)
-                logits.append(model(tok.view(1, 1), past_key_values=cache).logits[0, -1])
+                logits.append(model(tok.view(1, 1), **cache_arg(model, cache)).logits[0, -1])
                 tok = logits[-1].argmax()
             cache.crop(-2)
             assert handle.kv_lengths() == [97, 97, 49, 49, 25]
-            assert torch.equal(model(tokens[1].view(1, 1), past_key_values=cache).logits[0, -1], logits[1])
+            assert torch.equal(model(tokens[1].view(1, 1), **cache_arg(model, cache)).logits[0, -1], logits[1])
             pair = torch.stack([tokens[2], logits[2].argmax()]).view(1, 2)
-            two = model(pair, past_key_values=cache).logits[0]
+            two = model(pair, **cache_arg(model, cache)).logits[0]
             torch.testing.assert_close(two[0], logits[2], atol=1e-9, rtol=0)
             # a left-padded prompt at batch 1: padding is masked out of every pruned layer, no NaN
             mask = torch.ones(1, n, dtype=torch.long)

@@ -16,6 +16,7 @@ from policies.tree_attention import (
     tree_position_ids,
     validate_parents,
 )
+from profilers.hf_compat import cache_arg
 
 # A small tree: two root children, one with a chain below it, one with two children.
 PARENTS = [-1, -1, 0, 2, 1, 1, 4]
@@ -58,9 +59,9 @@ def test_one_tree_forward_matches_each_path_run_alone(name):
     tree_tokens = torch.randint(0, 128, (1, len(PARENTS)), generator=gen)
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        model(prefix, past_key_values=cache, use_cache=True)
+        model(prefix, **cache_arg(model, cache), use_cache=True)
         n_past = prefix.shape[1]
-        out = model(tree_tokens, past_key_values=cache, use_cache=True,
+        out = model(tree_tokens, **cache_arg(model, cache), use_cache=True,
                     attention_mask=tree_attention_mask(PARENTS, n_past),
                     position_ids=tree_position_ids(PARENTS, n_past))
         tree_logits = out.logits[0]
@@ -95,16 +96,16 @@ def test_compacted_cache_equals_decoding_the_accepted_path(name):
     nxt = torch.randint(0, 128, (1, 1), generator=gen)
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        model(prefix, past_key_values=cache, use_cache=True)
-        model(tree_tokens, past_key_values=cache, use_cache=True,
+        model(prefix, **cache_arg(model, cache), use_cache=True)
+        model(tree_tokens, **cache_arg(model, cache), use_cache=True,
               attention_mask=tree_attention_mask(PARENTS, prefix.shape[1]),
               position_ids=tree_position_ids(PARENTS, prefix.shape[1]))
         compact_cache(cache, prefix.shape[1], accepted)
         chain = DynamicCache(config=model.config)
-        model(torch.cat([prefix, tree_tokens[:, accepted]], dim=1), past_key_values=chain, use_cache=True)
+        model(torch.cat([prefix, tree_tokens[:, accepted]], dim=1), **cache_arg(model, chain), use_cache=True)
         for ours, ref in zip(cache.layers, chain.layers, strict=True):
             assert ours.keys.shape == ref.keys.shape
             assert torch.allclose(ours.keys, ref.keys, atol=1e-5) and torch.allclose(ours.values, ref.values, atol=1e-5)
-        assert torch.allclose(model(nxt, past_key_values=cache).logits, model(nxt, past_key_values=chain).logits,
-                              atol=1e-4)
+        ours, want = model(nxt, **cache_arg(model, cache)).logits, model(nxt, **cache_arg(model, chain)).logits
+        assert torch.allclose(ours, want, atol=1e-4)
 

@@ -17,6 +17,7 @@ from policies.weight_sparsity import (
     validate_section,
     wanda_mask,
 )
+from profilers.hf_compat import cache_arg
 
 PATH = "techniques.weight_sparsity"
 
@@ -253,8 +254,8 @@ def test_weight_and_activation_sparsity_apply_together_and_remove_cleanly(tiny):
         with torch.inference_mode(), apply_policy(model, policy) as handle:
             assert handle.techniques == ["weight_sparsity", "sparsity"]  # weights pruned before any cache
             cache = DynamicCache(config=model.config)
-            model(ids[:, :-1], past_key_values=cache, use_cache=True)
-            return model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+            model(ids[:, :-1], **cache_arg(model, cache), use_cache=True)
+            return model(ids[:, -1:], **cache_arg(model, cache), use_cache=True).logits
 
     before, dense = _snapshot(model), _logits(model, ids)
     masking = decode_step(activation)

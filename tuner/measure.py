@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from profilers.hf_compat import output_cache
 from profilers.peak_memory import PeakMemory, cache_nbytes
 from profilers.timing import synchronize
 
@@ -98,7 +99,7 @@ def prefill_kv_cache_mb(forward: Callable[..., object], input_ids: torch.Tensor)
     Measured on the cache object itself, so techniques that keep fewer tokens in some layers show it."""
     with torch.inference_mode():
         out = forward(input_ids, use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     return None if cache is None else cache_nbytes(cache) / 2**20
 
 

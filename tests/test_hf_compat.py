@@ -1,0 +1,139 @@
+"""The transformers compatibility seam (profilers.hf_compat): the one module that spells the cache keyword.
+
+These run on whichever transformers is installed; CI runs them on the lock (the newest supported release) and
+on the oldest supported release."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+from policies import apply_policy, model_fingerprint
+from policies.testing import make_policy_dict
+from profilers import hf_compat
+from profilers.hf_compat import cache_arg, cache_kwarg, hook_cache, output_cache, set_hook_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("policies", "profilers", "tuner", "search_spaces", "reports", "benchmarks")
+
+
+def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_keyword_is_the_one_the_installed_forward_declares():
+    import inspect
+
+    params = inspect.signature(LlamaModel.forward).parameters
+    want = "cache" if "cache" in params else "past_key_values"
+    model = _tiny_llama()
+    assert cache_kwarg(model) == want
+    assert cache_kwarg(model.model) == want
+    assert cache_kwarg(model.model.layers[0]) == want
+    assert cache_arg(model, "kv") == {want: "kv"}
+
+
+def test_remote_code_spelling_is_read_off_the_signature():
+    class OldStyle(torch.nn.Module):  # a remote-code model written against transformers <= 5.23
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    class Opaque(torch.nn.Module):  # names neither: the installed release's own name
+        def forward(self, *args, **kwargs):
+            return kwargs
+
+    assert cache_kwarg(OldStyle()) == "past_key_values"
+    assert cache_kwarg(Opaque()) == hf_compat._installed_default()
+
+
+def test_hook_cache_reads_either_spelling_and_set_keeps_the_callers():
+    kv = DynamicCache()  # empty: falsy by len(), must still be found
+    assert hook_cache({"past_key_values": kv}) is kv
+    assert hook_cache({"cache": kv, "use_cache": True}) is kv
+    assert hook_cache({"use_cache": True}) is None
+    kwargs = {"past_key_values": None}
+    set_hook_cache(_tiny_llama(), kwargs, kv)
+    assert kwargs == {"past_key_values": kv}
+    kwargs = {}
+    model = _tiny_llama()
+    set_hook_cache(model, kwargs, kv)
+    assert kwargs == {cache_kwarg(model): kv}
+
+
+def test_calls_through_the_seam_are_silent_and_the_output_cache_is_found(caplog):
+    model = _tiny_llama()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    cache = hf_compat.new_dynamic_cache(model.config)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            out = model(ids, **cache_arg(model, cache), use_cache=True)
+            assert output_cache(out) is cache
+            step = model(ids[:, -1:], **cache_arg(model, output_cache(out)), use_cache=True)
+    assert output_cache(step).get_seq_length() == 6
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert output_cache(object()) is None
+
+
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
+def test_token_retention_decode_is_right_whatever_the_caller_spells(spelling):
+    """A user's own decode loop may pass the cache under either name (the old one is deprecated, not gone):
+    the hooks must see it, or pruned layers get masks of the wrong width."""
+    model = _tiny_llama(1)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 80))
+    section = {"keep": [1.0, 1.0, 0.5, 0.25], "scorer": "attention", "window": 4, "sinks": 2,
+               "min_prompt_tokens": 16}
+    policy = make_policy_dict(model_fingerprint(model), techniques={"token_retention": section})
+    with apply_policy(model, policy) as tuned, torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old spelling is deprecated on >= 5.24, on purpose
+        cache = hf_compat.new_dynamic_cache(model.config)
+        out = tuned(ids, **{spelling: cache}, use_cache=True)
+        lengths = [cache.get_seq_length(i) for i in range(4)]
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(nxt, **{spelling: cache}, use_cache=True).logits[0, -1]
+        reference = tuned.generate(ids, max_new_tokens=2, do_sample=False)
+    assert lengths == [80, 80, 40, 20]
+    assert int(step.argmax()) == int(reference[0, -1])
+
+
+def _code_spellings(path: Path) -> list[str]:
+    """Places in ``path`` that spell the cache keyword in code (docstrings and comments aside)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    hits = []
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.keyword):
+            name = node.arg
+        elif isinstance(node, ast.arg):
+            name = node.arg
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            name = node.value
+        if name == "past_key_values":
+            hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return hits
+
+
+def test_no_module_but_the_seam_spells_the_cache_keyword():
+    seam = ROOT / "profilers" / "hf_compat.py"
+    files = [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")) if p != seam]
+    assert files
+    hits = [hit for p in files for hit in _code_spellings(p)]
+    assert hits == [], f"spell the cache keyword through profilers.hf_compat: {hits}"
