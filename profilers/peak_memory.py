@@ -1,64 +1,100 @@
-"""Peak memory of a block of code: CUDA peak allocated on GPU, peak resident set size on CPU.
+"""Peak memory of a block of code: what the tensors created inside it occupy at their worst.
 
-On CPU there is no allocator counter, so we use the kernel's high-water mark: writing "5" to
-/proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0), and VmHWM after the block minus
-RSS before it is the peak extra memory the block touched. Where that file is unavailable the reading is
-None rather than a guess.
+- CUDA: the caching allocator's peak allocated bytes during the block, minus what was allocated before it
+  (``cuda_peak_allocated``); free to read, so it can wrap a timed call.
+- CPU: torch keeps no allocator counter there, and the process's resident set is useless after the first
+  call (glibc reuses freed pages, so RSS growth reads 0 MB for every variant but the first). Instead a
+  ``TorchDispatchMode`` sees every ATen op: each output whose storage is not one of the op's inputs' (a fresh
+  allocation, not a view or an in-place result) adds its bytes to a live total, and a finalizer on the storage
+  subtracts them when it is freed. The peak of that total is the block's peak extra tensor memory
+  (``cpu_peak_tensors``): activations, KV caches, logits, scratch copies -- what a technique changes.
+  Memory an op uses internally and frees before returning (a fused kernel's workspace) is not seen. The
+  mode costs Python work per op, so the block must not be one that is also timed.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import weakref
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+_MB = 2**20
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        match = re.search(rf"^{key}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
-    except OSError:
+def _storage(t: Any) -> Any:
+    """The untyped storage of a strided tensor, or None (sparse and other storage-less layouts)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
         return None
-    return int(match.group(1)) if match else None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages allocated by ops while active, and their peak; frees are seen through
+    finalizers, which may run after the mode has exited (the totals then no longer matter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()  # data pointers of storages counted and not yet freed
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {st.data_ptr() for st in map(_storage, tree_leaves((args, kwargs))) if st is not None}
+        for st in map(_storage, tree_leaves(out)):
+            if st is None:
+                continue
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+            if ptr in inputs or ptr in self._tracked or nbytes == 0:
+                continue
+            self._tracked.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(st, self._freed, ptr, nbytes)
+        return out
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self._tracked.discard(ptr)
+        self.live -= nbytes
 
 
 class PeakMemory:
-    """Context manager measuring the peak extra memory (MiB) used inside the block on `device`.
+    """Context manager measuring the peak extra memory (MiB) the block allocates on `device`.
 
-    `kind` says what was measured: "cuda_peak_allocated" or "cpu_peak_rss" (or "unavailable").
+    `kind` says what was measured: "cuda_peak_allocated" or "cpu_peak_tensors" (see the module docstring).
     """
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.peak_mb: float | None = None
-        self.kind = "unavailable"
+        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_tensors"
         self._start = 0
+        self._mode: _LiveTensorBytes | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-            self.kind = "cuda_peak_allocated"
         else:
-            try:
-                _CLEAR_REFS.write_text("5")
-                self._start = _status_kib("VmRSS") or 0
-                self.kind = "cpu_peak_rss"
-            except OSError:
-                self.kind = "unavailable"
+            self._mode = _LiveTensorBytes()
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.kind == "cuda_peak_allocated":
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
-        elif self.kind == "cpu_peak_rss":
-            hwm = _status_kib("VmHWM")
-            self.peak_mb = None if hwm is None else max(hwm - self._start, 0) / 1024
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / _MB
+        elif self._mode is not None:
+            self._mode.__exit__(*exc)
+            self.peak_mb = self._mode.peak / _MB
+            self._mode = None
 
 
 def cache_nbytes(cache: object) -> int:

@@ -11,6 +11,9 @@ from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 from tuner.tasks import code_samples
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -24,6 +24,9 @@ from policies.registry import get_runtime
 from policies.schema import PolicyError
 from profilers.hf_compat import cache_arg
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 VOCAB, MASK, NEWLINE = 64, 63, 10
 
 

@@ -37,6 +37,9 @@ from profilers.layer_profiler import (
 )
 from profilers.model_parts import decoder_parts
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 _SMALL = dict(
     hidden_size=64,
     num_hidden_layers=3,

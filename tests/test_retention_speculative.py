@@ -25,6 +25,9 @@ from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 from tuner.tasks import get_task
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 KEEP = {"keep": [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]}
 SPECULATIVE = {
     "prompt_lookup": {"drafter": "prompt_lookup", "prompt_lookup": {"depth": 4, "candidates": 2}},

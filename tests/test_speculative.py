@@ -21,6 +21,9 @@ from policies.speculative import SpeculativeStats, chain, speculative_generate
 from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 PROMPTS = ["copy: owl fox bear heron whale |", "cycle: red gold red gold red gold |",
            "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"]
 SHAPE = [-1, -1, 0, 0, 1, 2, 5]  # two root children, a branch and a chain below the first

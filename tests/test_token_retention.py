@@ -44,6 +44,9 @@ from policies.token_retention import (
 from profilers.hf_compat import cache_arg, output_cache
 from profilers.model_parts import decoder_parts
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 VOCAB = 160
 
 _FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {

@@ -18,6 +18,9 @@ from policies.tree_attention import (
 )
 from profilers.hf_compat import cache_arg
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 # A small tree: two root children, one with a chain below it, one with two children.
 PARENTS = [-1, -1, 0, 2, 1, 1, 4]
 

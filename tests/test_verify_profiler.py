@@ -9,6 +9,9 @@ from policies.testing import tiny_llama
 from profilers import verify_profiler
 from profilers.verify_profiler import VerifyCurve, profile_verify
 
+# Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
+pytestmark = pytest.mark.hf_internals
+
 
 def test_profile_has_every_grid_point_and_is_non_decreasing_in_tree_size():
     rows = profile_verify(tiny_llama(), torch.device("cpu"), n_kv=(16, 32), n_query=(1, 2, 4), warmup=1, repeats=2)

@@ -20,8 +20,10 @@ from search_spaces import SearchContext, get_search_space
 from tuner.measure import (
     GenerateFn,
     GenerationSample,
+    MemoryReading,
     forwards_per_token,
     measure_once,
+    peak_memory_of,
     prefill_kv_cache_mb,
     summarize,
     time_generate,
@@ -84,9 +86,9 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     device = resolve_device(device_spec)
     dev = torch_device(device)
-    loaded = load_model(model_spec, dev, trust_remote_code=trust_remote_code)
     if workload is None:
         workload = Workload.from_policy(policy) if policy is not None else Workload()
+    loaded = load_model(model_spec, dev, dtype=workload.dtype, trust_remote_code=trust_remote_code)
     variants = [Variant("dense")]
     if policy is not None:
         # Refuses a policy for another model before any timing.
@@ -109,7 +111,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
     qualities: dict[str, float] = {"dense": reference.metric(metric)}
     input_ids = timing_input_ids(loaded.tokenizer, workload.prompt_tokens, dev)
     samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}
-    kinds: dict[str, str] = {}
+    memory: dict[str, MemoryReading] = {}
     kv_mb: dict[str, float | None] = {}
     forwards: dict[str, float | None] = {}
     for v in variants:
@@ -121,17 +123,18 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
                 qualities[v.name] = harness.evaluate(generate, handle).metric(metric)
             time_generate(generate, input_ids, 1, dev)  # warm-up of both call shapes
             time_generate(generate, input_ids, workload.new_tokens, dev)
+            memory[v.name] = peak_memory_of(generate, input_ids, workload.new_tokens, dev)  # untimed
         say(f"{v.name}: {metric} {qualities[v.name]:.2f}")
     for r in range(repeats):
         for v in variants:
             with v.apply(loaded.model) as handle:
-                sample, kinds[v.name] = measure_once(v.generate_fn(handle), input_ids, workload.new_tokens, dev)
+                sample = measure_once(v.generate_fn(handle), input_ids, workload.new_tokens, dev)
                 forwards[v.name] = forwards_per_token(handle) if v.generate is None else None
             samples[v.name].append(sample)
         say(f"repeat {r + 1}/{repeats} done")
     results = []
     for v in variants:
-        m = summarize(samples[v.name], workload.new_tokens, kinds[v.name])
+        m = summarize(samples[v.name], workload.new_tokens, memory[v.name])
         results.append({"name": v.name, "ttft_ms": m.ttft_ms, "latency_ms": m.latency_ms,
                         "tokens_per_s": m.tokens_per_s, "peak_memory_mb": m.peak_memory_mb,
                         "memory_kind": m.memory_kind, "kv_cache_mb": kv_mb[v.name], "quality": qualities[v.name],

@@ -80,7 +80,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tuner.models import load_model
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, torch_device(device), trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, torch_device(device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     profile = profile_model(loaded.model, torch_device(device), mode=args.mode, n_tokens=args.tokens,
                             warmup=args.warmup, repeats=args.repeats)
     document = profile.to_json_dict(device.to_dict(), loaded.model_id)
@@ -111,9 +111,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _workload(args: argparse.Namespace) -> Any:
+    from tuner.models import canonical_dtype
     from tuner.workload import Workload
 
-    return Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    return Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, dtype=canonical_dtype(args.dtype))
 
 
 def _quality(args: argparse.Namespace) -> Any:
@@ -155,12 +156,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from policies import load_policy_file
     from tuner.bench import run_bench
+    from tuner.models import canonical_dtype
     from tuner.workload import Workload
 
     policy = load_policy_file(args.policy) if args.policy else None
     base = Workload.from_policy(policy) if policy is not None else Workload()
     workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
-                        new_tokens=args.new_tokens or base.new_tokens, dtype=base.dtype)
+                        new_tokens=args.new_tokens or base.new_tokens,
+                        dtype=canonical_dtype(args.dtype) if args.dtype else base.dtype)
     document = run_bench(args.model, policy, args.device, workload, repeats=args.repeats,
                          quality=_quality(args), with_presets=not args.no_presets, log=_say,
                          trust_remote_code=args.trust_remote_code)
@@ -181,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tuner.models import load_model
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, torch_device(device), trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, torch_device(device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     source = args.policy or args.policies
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="builtin:tiny", help="builtin:NAME or a local HF checkpoint directory")
         p.add_argument("--device", default=None, help="cpu, cpu:Nt (N threads), cuda, cuda:N or a device id "
                                                       "(default: first GPU, else the CPU)")
+        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 weights and activations "
+                                                     "(default float32; bench: the policy's)")
         p.add_argument("--trust-remote-code", action="store_true",
                        help="run modelling code shipped inside the checkpoint (LLaDA, Dream); off by default")
 

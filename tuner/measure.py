@@ -4,7 +4,8 @@ Technique-agnostic on purpose: every variant (dense, a policy, a preset) is driv
 `generate(input_ids, max_new_tokens=..., min_new_tokens=...)` callable, so a technique that owns its decode
 loop is timed exactly like one that only hooks the model. TTFT is the time of a generate call producing one
 token (prefill + first token); latency is the call producing all `new_tokens` (EOS suppressed so every
-variant generates the same count); decode tokens/s = (new_tokens - 1) / (latency - TTFT).
+variant generates the same count); decode tokens/s = (new_tokens - 1) / (latency - TTFT). Peak memory is
+read in one more, untimed, full call (`peak_memory_of`): on CPU its tracker costs Python work per op.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ GenerateFn = Callable[..., torch.Tensor]
 class GenerationSample:
     ttft_ms: float
     latency_ms: float
-    peak_memory_mb: float | None
 
 
 @dataclass
@@ -55,24 +55,36 @@ def time_generate(generate: GenerateFn, input_ids: torch.Tensor, n: int, device:
 
 
 def measure_once(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int,
-                 device: torch.device) -> tuple[GenerationSample, str]:
-    """One TTFT call and one full call; peak memory over the full call."""
+                 device: torch.device) -> GenerationSample:
+    """One TTFT call and one full call."""
     ttft = time_generate(generate, input_ids, 1, device)
+    latency = time_generate(generate, input_ids, new_tokens, device)
+    return GenerationSample(ttft, latency)
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    peak_mb: float | None
+    kind: str
+
+
+def peak_memory_of(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int,
+                   device: torch.device) -> MemoryReading:
+    """Peak extra memory of one full generate call (`profilers.peak_memory`); never timed."""
     with PeakMemory(device) as mem:
-        latency = time_generate(generate, input_ids, new_tokens, device)
-    return GenerationSample(ttft, latency, mem.peak_mb), mem.kind
+        time_generate(generate, input_ids, new_tokens, device)
+    return MemoryReading(mem.peak_mb, mem.kind)
 
 
-def summarize(samples: list[GenerationSample], new_tokens: int, memory_kind: str) -> GenerationMeasurement:
-    """Median TTFT and latency; tokens/s from the medians; peak memory is the max over repeats."""
+def summarize(samples: list[GenerationSample], new_tokens: int, memory: MemoryReading) -> GenerationMeasurement:
+    """Median TTFT and latency; tokens/s from the medians; the peak memory of the untimed call."""
     ttft = statistics.median(s.ttft_ms for s in samples)
     latency = statistics.median(s.latency_ms for s in samples)
     decode_ms = latency - ttft
     tokens_per_s = (new_tokens - 1) / (decode_ms / 1e3) if new_tokens > 1 and decode_ms > 0 else new_tokens / (
         latency / 1e3)
-    peaks = [s.peak_memory_mb for s in samples if s.peak_memory_mb is not None]
     return GenerationMeasurement(ttft_ms=ttft, latency_ms=latency, tokens_per_s=tokens_per_s,
-                                 peak_memory_mb=max(peaks) if peaks else None, memory_kind=memory_kind,
+                                 peak_memory_mb=memory.peak_mb, memory_kind=memory.kind,
                                  new_tokens=new_tokens, samples=samples)
 
 
@@ -83,11 +95,8 @@ def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens
     for _ in range(warmup):  # both call shapes, so that neither pays first-call costs when timed
         time_generate(generate, input_ids, 1, device)
         time_generate(generate, input_ids, new_tokens, device)
-    samples, kind = [], "unavailable"
-    for _ in range(repeats):
-        sample, kind = measure_once(generate, input_ids, new_tokens, device)
-        samples.append(sample)
-    result = summarize(samples, new_tokens, kind)
+    samples = [measure_once(generate, input_ids, new_tokens, device) for _ in range(repeats)]
+    result = summarize(samples, new_tokens, peak_memory_of(generate, input_ids, new_tokens, device))
     if forward is not None:
         result.kv_cache_mb = prefill_kv_cache_mb(forward, input_ids)
     return result

@@ -39,6 +39,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def canonical_dtype(name: str | None) -> str:
+    """The canonical name of a user dtype string (``bf16`` -> ``bfloat16``); None is ``float32``."""
+    return str(parse_dtype(name) or torch.float32).removeprefix("torch.")
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """Map a user dtype string to a torch dtype (None keeps the checkpoint's float32 default)."""
     if name is None:

@@ -149,7 +149,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say = log or (lambda msg: None)
     spaces = check_config(cfg)
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, torch_device(device), trust_remote_code=cfg.trust_remote_code)
+    loaded = load_model(cfg.model, torch_device(device), dtype=cfg.workload.dtype,
+                        trust_remote_code=cfg.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     check_model_kind(cfg, model)
     fingerprint = model_fingerprint(model)
