@@ -18,6 +18,7 @@ floating-point ties between a multi-token verify forward and one-token decode st
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -41,9 +42,29 @@ def _pad_token_id(model: Any) -> int:
     return 0
 
 
+# transformers >= 5.24 calls the assistant's `generate` itself with its own `generation_config` *and*
+# `max_new_tokens`/`min_new_tokens` (`AssistedCandidateGenerator._prepare_generation_args`), then warns, once,
+# that passing both is deprecated: a notice about the library's internal call, which no argument of ours changes.
+_HF_INTERNAL_NOTICE = "Passing `generation_config` together with generation-related arguments"
+
+
+class _DropHFInternalNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _HF_INTERNAL_NOTICE not in record.getMessage()
+
+
+def _silence_assistant_notice() -> None:
+    """Drop exactly that notice (and nothing else) from transformers' generation logger; idempotent."""
+    hf_logger = logging.getLogger("transformers.generation.utils")
+    if not any(isinstance(f, _DropHFInternalNotice) for f in hf_logger.filters):
+        hf_logger.addFilter(_DropHFInternalNotice())
+
+
 def _greedy_generate(model: Any, **fixed: Any) -> Any:
     """`generate(input_ids, **kw)`: `model.generate` greedy with a full attention mask, plus `fixed` kwargs."""
     pad_token_id = _pad_token_id(model)
+    if "assistant_model" in fixed:
+        _silence_assistant_notice()
 
     def generate(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         defaults = {"do_sample": False, "attention_mask": torch.ones_like(input_ids), "pad_token_id": pad_token_id}

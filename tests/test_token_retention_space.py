@@ -92,3 +92,75 @@ def test_cost_model_adds_decode_for_end_to_end_latency():
     ttft = space.predict_ms(section, _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={}))
     e2e = space.predict_ms(section, _ctx(4, _linear_curves(4), objective="latency_ms", baseline={}))
     assert e2e > ttft
+
+
+# Calibration: the cost model is fitted on real generate calls of reference schedules
+
+
+def test_linear_cost_fit_recovers_scale_per_event_and_fixed_cost():
+    from search_spaces.token_retention import LinearCost
+
+    truth = LinearCost(scale=1.2, per_event_ms=0.6, fixed_ms=3.0)
+    points = [(layers, events, truth(layers, events)) for layers, events in ((100.0, 0), (97.0, 5), (30.0, 5))]
+    fit = LinearCost.fit(points)
+    assert fit.scale == pytest.approx(1.2) and fit.per_event_ms == pytest.approx(0.6)
+    assert fit.fixed_ms == pytest.approx(3.0)
+
+
+def test_linear_cost_fit_falls_back_when_the_scale_is_implausible_or_events_pay_back():
+    from search_spaces.token_retention import LinearCost
+
+    # measured does not move with the curves (a scale of ~0): keep scale 1, fit the rest
+    flat = LinearCost.fit([(100.0, 0, 50.0), (97.0, 5, 53.0), (30.0, 5, 52.0)])
+    assert flat.scale == 1.0 and flat.per_event_ms >= 0
+    # noise making the events look like savings: one offset, no per-event term
+    noisy = LinearCost.fit([(100.0, 0, 110.0), (100.0, 5, 100.0), (50.0, 5, 50.0)])
+    assert noisy.per_event_ms == 0.0 and noisy.scale == 1.0
+
+
+def test_reference_schedules_are_valid_and_separate_the_terms():
+    from search_spaces.token_retention import _events, reference_schedules
+
+    runtime = get_runtime("token_retention")
+    refs = reference_schedules(6)
+    assert list(refs) == ["dense", "light", "steep"]
+    for keep in refs.values():
+        assert len(keep) == 6 and keep[0] == 1.0 and keep == sorted(keep, reverse=True)
+        assert runtime.validate({"keep": keep, "scorer": "attention", "window": 8, "sinks": 4}, PATH) == []
+    assert _events([1024] * 6) == (0, 0)
+    assert _events([1024, 993, 963, 934, 906, 879]) == (5, 5)
+    assert _events([1024, 1024, 512, 512, 128, 128]) == (2, 4)
+
+
+def test_calibrated_cost_model_charges_drop_points():
+    from search_spaces.token_retention import CALIBRATION_KEY, LinearCost, RetentionCalibration
+
+    space = get_search_space("token_retention")
+    calibration = RetentionCalibration(prefill=LinearCost(1.0, 0.5, 2.0), decode_step=LinearCost(1.0, 0.01, 0.0))
+    ctx = _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={"ttft_ms": 99.0}, **{CALIBRATION_KEY: calibration})
+    dense = {"keep": [1.0] * 4, "scorer": "attention", "window": 8, "sinks": 4}
+    assert space.predict_ms(dense, ctx) == pytest.approx(4 * 10.24 + 2.0)  # the calibration, not the baseline
+    one_drop = dict(dense, keep=[1.0, 0.5, 0.5, 0.5])
+    three_drops = dict(dense, keep=[1.0, 0.75, 0.625, 0.5])
+    assert space.predict_ms(one_drop, ctx) == pytest.approx(10.24 + 3 * 5.12 + 0.5 + 2.0)
+    assert space.predict_ms(three_drops, ctx) == pytest.approx(10.24 + 7.68 + 6.40 + 5.12 + 3 * 0.5 + 2.0)
+
+
+def test_calibrate_measures_the_reference_schedules_on_a_real_model(tmp_path):
+    from policies.testing import tiny_llama
+    from profilers.layer_profiler import profile_curves
+    from search_spaces.token_retention import CALIBRATION_KEY
+
+    model = tiny_llama(layers=4)
+    curves = profile_curves(model, "cpu", prefill_tokens=(16, 64, 128), decode_kv_tokens=(128,), warmup=1, repeats=2)
+    ctx = SearchContext(model_fingerprint={"num_layers": 4}, workload={"prompt_tokens": 128, "new_tokens": 3},
+                        device={}, curves=curves, extras={"artefacts": tmp_path})
+    space = get_search_space("token_retention")
+    space.prepare(ctx, model, None, "cpu")
+    calibration = ctx.extras[CALIBRATION_KEY]
+    assert [p["schedule"] for p in calibration.points] == ["dense", "light", "steep"]
+    assert all(p["ttft_ms"] > 0 and p["decode_step_ms"] > 0 for p in calibration.points)
+    assert calibration.prefill.per_event_ms >= 0 and 0.5 <= calibration.prefill.scale <= 2.0
+    assert (tmp_path / "token_retention_calibration.json").is_file()
+    section = {"keep": [1.0, 0.5, 0.25, 0.25], "scorer": "attention", "window": 8, "sinks": 4}
+    assert 0 < space.predict_ms(section, ctx) < space.predict_ms(dict(section, keep=[1.0] * 4), ctx)

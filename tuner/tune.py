@@ -339,7 +339,9 @@ def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefact
     from profilers.layer_profiler import profile_curves, save_curves
 
     n = workload.prompt_tokens
-    grid = sorted({max(16, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
+    # Down to 1/64 of the prompt: token-retention schedules keep as little as 2%, and below the grid a curve is
+    # extrapolated linearly, which misses the fixed cost a layer has at a few tokens.
+    grid = sorted({max(16, round(n * f)) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
     curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=tuple(grid),
                             warmup=2, repeats=5)
     save_curves(curves, artefacts / "profile.csv")
