@@ -71,6 +71,8 @@ def test_profile_json_contract(capsys, tmp_path):
     (["run", "--policy", "/no/such.yaml", "--prompt", "x"], "/no/such.yaml"),
     (["report", "/no/such/dir"], "/no/such/dir"),
     (["profile", "--tokens", "0"], ">= 1"),
+    (["profile", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["tune", "--techniques", "norm_scale", "--dtype", "fp8"], "unknown dtype 'fp8'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, fragment):
     code, out, err = run_cli(capsys, *args, *(["--out", str(tmp_path)] if args[0] == "tune" else []))
@@ -206,3 +208,19 @@ def test_run_uses_a_speculative_policy_and_matches_dense(capsys, tmp_path):
                              "--prompt", prompt, "--max-new-tokens", "12", "--json")
     assert code == 0, err
     assert json.loads(out)["completion"] == spec["completion"]
+
+
+def test_dtype_loads_the_model_in_it_and_is_the_workloads(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "profile", "--model", "builtin:tiny", "--dtype", "bf16", "--tokens", "32",
+                             "--repeats", "1", "--json")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "bench", "--model", "builtin:tiny", "--dtype", "bfloat16", "--json",
+                             "--repeats", "1", "--examples", "1", "--tasks", "pattern", "--prompt-tokens", "32",
+                             "--new-tokens", "2")
+    assert code == 0, err
+    assert json.loads(out)["workload"]["dtype"] == "bfloat16"
+    code, out, err = run_cli(capsys, "tune", "--model", "builtin:tiny", "--techniques", "norm_scale", "--dtype", "bf16",
+                             "--budget", "1", "--out", str(tmp_path), "--json", *FAST_TUNE)
+    assert code == 0, err
+    doc = yaml.safe_load(Path(json.loads(out)["policy"]).read_text())
+    assert doc["workload"]["dtype"] == "bfloat16" and doc["model"]["fingerprint"]["dtype"] == "bfloat16"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The prepared GPU check (benchmarks/gpu_check.py): the CUDA paths CI never runs, in <= 8 minutes.
+#   On the lent GPU machine (from the repository root; its python3 has torch with CUDA but not our
+#   dependencies, and no package index): first, here, `bash benchmarks/gpu_wheels.sh` fetches the wheels it
+#   lacks into .whl/; then run, with `.whl` carried:
+#     bash benchmarks/gpu_check.sh --out "$OUT"
+#   On a CPU machine (CI, tests): bash benchmarks/gpu_check.sh --dry-run --out DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/autotune-site \
+    .whl/*.whl
+  export PYTHONPATH="/tmp/autotune-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" benchmarks/gpu_check.py "$@"
