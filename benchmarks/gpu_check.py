@@ -17,7 +17,8 @@ Steps, each recorded with its status, duration and numbers (a failing step does 
                     token_retention, speculative, sparsity, weight_sparsity (builtin:tiny) and
                     diffusion_blocks (builtin:tiny-mdm).
 
-Everything runs in bf16 on the GPU (float32 in a dry run). Writes ``DIR/gpu_check.json`` (everything) and ``DIR/gpu_check.md`` (a section for benchmarks/RESULTS.md).
+Everything runs in bf16 on the GPU (float32 in a dry run). Writes ``DIR/gpu_check.json`` (everything) and
+``DIR/gpu_check.md`` (a section for benchmarks/RESULTS.md).
 Exit 0 when every step that ran passed (in a dry run the CUDA-only checks are skipped, by name), else 1.
 """
 

@@ -84,10 +84,11 @@ def set_hook_cache(module: Any, kwargs: dict[str, Any], cache: Any) -> None:
 def output_cache(output: Any) -> Any:
     """The cache a model output carries (``.cache`` on >= 5.24, ``.past_key_values`` before), or None.
 
-    Read as a mapping entry, so the deprecated ``past_key_values`` property (which logs a line) never runs."""
+    Read with ``dict``'s own methods: ``ModelOutput`` overrides ``in``, ``[]`` and the ``past_key_values``
+    property to map the old name to the new one with a logged deprecation line."""
     if isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
         for name in CACHE_NAMES:
-            if name in output:
+            if dict.__contains__(output, name):
                 return dict.__getitem__(output, name)
         return None
     for name in CACHE_NAMES:  # plain objects (a peer's own output type)

@@ -74,6 +74,9 @@ def test_hook_cache_reads_either_spelling_and_set_keeps_the_callers():
 
 
 def test_calls_through_the_seam_are_silent_and_the_output_cache_is_found(caplog):
+    once = getattr(logging.Logger, "warning_once", None)  # transformers logs each deprecation once per process
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
     model = _tiny_llama()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     cache = hf_compat.new_dynamic_cache(model.config)
@@ -84,6 +87,12 @@ def test_calls_through_the_seam_are_silent_and_the_output_cache_is_found(caplog)
             assert output_cache(out) is cache
             step = model(ids[:, -1:], **cache_arg(model, output_cache(out)), use_cache=True)
     assert output_cache(step).get_seq_length() == 6
+    # An output without a cache (a masked LM, or use_cache=False) is None, not a deprecation line.
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    with caplog.at_level(logging.WARNING):
+        assert output_cache(MaskedLMOutput(logits=torch.zeros(1, 2, 3))) is None
+        assert output_cache(model(ids, use_cache=False)) is None
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
     assert output_cache(object()) is None
 

@@ -60,9 +60,11 @@ class QualityReport:
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
-        if name not in QUALITY_METRICS or value is None:
+        if name not in QUALITY_METRICS:
+            raise ValueError(f"quality metric {name!r} is unknown; choose one of {', '.join(QUALITY_METRICS)}")
+        if value is None:
             raise ValueError(f"quality metric {name!r} unavailable here (a masked-diffusion model is scored on "
-                             f"accuracy only); choose one of {', '.join(QUALITY_METRICS)}")
+                             "accuracy only)")
         return float(value)
 
     def summary(self) -> dict[str, Any]:
