@@ -283,19 +283,21 @@ def _validate_tree(tree: Any, path: str, budget: int) -> list[str]:
 _DRAFT_MODELS: dict[tuple[str, str], Any] = {}
 
 
-def load_draft_model(spec: str, device: torch.device) -> Any:
-    """The draft model `spec` (builtin:NAME or a local checkpoint), loaded once per process and device."""
-    key = (spec, str(device))
+def load_draft_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """The draft model `spec` (builtin:NAME or a local checkpoint), loaded once per process, device and dtype."""
+    key = (spec, str(device), str(dtype))
     if key not in _DRAFT_MODELS:
         from tuner.models import load_model
 
-        _DRAFT_MODELS[key] = load_model(spec, device).model.eval()
+        _DRAFT_MODELS[key] = load_model(spec, device, dtype=str(dtype).removeprefix("torch.")).model.eval()
     return _DRAFT_MODELS[key]
 
 
 def draft_for(spec: str, target: Any) -> Any:
-    """The draft model `spec` on `target`'s device, checked to share its vocabulary (ValueError otherwise)."""
-    draft = load_draft_model(spec, next(target.parameters()).device)
+    """The draft model `spec` on `target`'s device and in its dtype, checked to share its vocabulary
+    (ValueError otherwise)."""
+    weight = next(target.parameters())
+    draft = load_draft_model(spec, weight.device, weight.dtype)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft model {spec} has vocabulary {draft.config.vocab_size}, the target "
                          f"{target.config.vocab_size}: not the same tokenizer")

@@ -9,7 +9,8 @@ a fleet of machines and every machine picks its own. Selection (``load_policy`` 
    model: the tuned numbers carry over); else the same kind (``PolicyWarning`` naming the chosen file:
    the techniques still work but the tuning was for other hardware); else ``None`` = dense model, with a
    ``PolicyWarning``;
-3. ties inside a tier: newest ``provenance.created_at`` first, then the path (lexicographic).
+3. ties inside a tier: the model's dtype first (``<device-id>.<dtype>.yaml`` beside ``<device-id>.yaml``), then
+   newest ``provenance.created_at``, then the path (lexicographic).
 
 ``strict=True`` turns every "return None" (no file, no policy for this model, none for this device kind)
 into a ``PolicyError``; it does not refuse the same-kind fallback, which still warns.
@@ -54,9 +55,12 @@ def model_slug(model_id: str) -> str:
     return _slug(model_id, "model id")
 
 
-def policy_path(root: str | os.PathLike[str], model_id: str, device_id: str) -> Path:
-    """``ROOT/<model-slug>/<device-id>.yaml``, where the tuner writes and the store looks."""
-    return Path(root) / model_slug(model_id) / f"{_slug(device_id, 'device id')}.yaml"
+def policy_path(root: str | os.PathLike[str], model_id: str, device_id: str, dtype: str = "float32") -> Path:
+    """``ROOT/<model-slug>/<device-id>.yaml``, where the tuner writes and the store looks; a workload in another
+    dtype than float32 gets ``<device-id>.<dtype>.yaml`` (the same device may carry one policy per dtype; the
+    store picks by the model's fingerprint, which records its dtype)."""
+    suffix = "" if dtype == "float32" else f".{_slug(dtype, 'dtype')}"
+    return Path(root) / model_slug(model_id) / f"{_slug(device_id, 'device id')}{suffix}.yaml"
 
 
 def resolve_device_dict(device: Any = None) -> dict[str, Any]:
@@ -98,18 +102,20 @@ def _newest_first_key(item: tuple[Path, Policy]) -> tuple[float, str]:
 
 
 def select_policy(
-    candidates: list[tuple[Path, Policy]], device: Mapping[str, Any]
+    candidates: list[tuple[Path, Policy]], device: Mapping[str, Any], dtype: str | None = None
 ) -> tuple[Path, Policy, int] | None:
-    """Best (path, policy, tier) among model-matching candidates for ``device``; pure, no warnings."""
-    best: tuple[int, tuple[float, str], Path, Policy] | None = None
+    """Best (path, policy, tier) among model-matching candidates for ``device``; pure, no warnings. Inside a
+    tier a policy tuned for the model's ``dtype`` wins over one tuned for another (timings differ by dtype)."""
+    best: tuple[tuple[int, bool, tuple[float, str]], Path, Policy] | None = None
     for path, policy in candidates:
         tier = _tier(policy.device, device)
         if tier is None:
             continue
-        key = (tier, _newest_first_key((path, policy)))
-        if best is None or key < best[:2]:
-            best = (tier, key[1], path, policy)
-    return None if best is None else (best[2], best[3], best[0])
+        other_dtype = dtype is not None and policy.workload.dtype != dtype
+        key = (tier, other_dtype, _newest_first_key((path, policy)))
+        if best is None or key < best[0]:
+            best = (key, path, policy)
+    return None if best is None else (best[1], best[2], best[0][0])
 
 
 def _policy_files(root: Path) -> list[Path]:
@@ -180,7 +186,7 @@ def load_policy(
         _fallback(f"{root}: no valid policy for this model among {len(files)} file(s){detail}{more}", strict)
         return None
 
-    chosen = select_policy(matching, dev)
+    chosen = select_policy(matching, dev, dtype=actual.get("dtype"))
     if chosen is None:
         have = ", ".join(sorted({_describe(p.device) for _, p in matching}))
         _fallback(f"{root}: no policy for device {_describe(dev)} (policies exist for: {have})", strict)

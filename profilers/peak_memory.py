@@ -35,45 +35,54 @@ def _storage(t: Any) -> Any:
 
 
 class _LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of storages allocated by ops while active, and their peak; frees are seen through
+    """Counts the bytes of storages allocated by ops while active, and their peak. A storage is known by
+    identity (torch keeps one Python object per live storage), so an address reused after a free is a new
+    storage; one that an op grows in place (``resize_``, ``out=``) adds its growth. Frees are seen through
     finalizers, which may run after the mode has exited (the totals then no longer matter)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._tracked: set[int] = set()  # data pointers of storages counted and not yet freed
+        self._counted: dict[int, int] = {}  # id(storage) -> bytes counted for it, until it is freed
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        before = {id(st): st.nbytes() for st in map(_storage, tree_leaves((args, kwargs))) if st is not None}
         out = func(*args, **(kwargs or {}))
-        inputs = {st.data_ptr() for st in map(_storage, tree_leaves((args, kwargs))) if st is not None}
+        seen: set[int] = set()
         for st in map(_storage, tree_leaves(out)):
-            if st is None:
+            if st is None or id(st) in seen:
                 continue
-            ptr, nbytes = st.data_ptr(), st.nbytes()
-            if ptr in inputs or ptr in self._tracked or nbytes == 0:
+            seen.add(id(st))
+            key, nbytes = id(st), st.nbytes()
+            grown = nbytes - before.get(key, 0) if key in before else nbytes
+            if key in self._counted:  # allocated inside the block; a view, an in-place result or a resize
+                grown = nbytes - self._counted[key]
+            if grown <= 0:
                 continue
-            self._tracked.add(ptr)
-            self.live += nbytes
+            if key not in self._counted:
+                self._counted[key] = 0
+                weakref.finalize(st, self._freed, key)
+            self._counted[key] += grown
+            self.live += grown
             self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._freed, ptr, nbytes)
         return out
 
-    def _freed(self, ptr: int, nbytes: int) -> None:
-        self._tracked.discard(ptr)
-        self.live -= nbytes
+    def _freed(self, key: int) -> None:
+        self.live -= self._counted.pop(key, 0)
 
 
 class PeakMemory:
     """Context manager measuring the peak extra memory (MiB) the block allocates on `device`.
 
-    `kind` says what was measured: "cuda_peak_allocated" or "cpu_peak_tensors" (see the module docstring).
+    `kind` says what was measured: "cuda_peak_allocated" or "cpu_peak_tensors" (see the module docstring);
+    on any other device "unavailable", with `peak_mb` None.
     """
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.peak_mb: float | None = None
-        self.kind = "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_tensors"
+        self.kind = {"cuda": "cuda_peak_allocated", "cpu": "cpu_peak_tensors"}.get(self.device.type, "unavailable")
         self._start = 0
         self._mode: _LiveTensorBytes | None = None
 
@@ -82,7 +91,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-        else:
+        elif self.device.type == "cpu":
             self._mode = _LiveTensorBytes()
             self._mode.__enter__()
         return self

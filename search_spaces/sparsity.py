@@ -160,7 +160,8 @@ class SparsitySpace(SearchSpace):
                 undo = SparsityRuntime().apply(model, section) if section is not None else None
                 try:
                     with apply_policy(model, None) as dense:
-                        m = measure_generation(dense.generate, input_ids, new_tokens, device, repeats=1)
+                        m = measure_generation(dense.generate, input_ids, new_tokens, device, repeats=1,
+                                               peak_memory=False)
                 finally:
                     if undo is not None:
                         undo.remove()

@@ -198,19 +198,23 @@ class LinearCost:
         return self.scale * layers_ms + self.per_event_ms * events + self.fixed_ms
 
     @classmethod
-    def fit(cls, points: list[tuple[float, float, float]]) -> LinearCost:
-        """Least squares over (curve prediction, events, measured) points. The scale is kept only when it is
-        plausible (0.5-2: the curves were measured on this device moments earlier); otherwise, or when the
-        per-event cost comes out negative (noise), the simpler model is fitted instead."""
+    def fit(cls, points: list[tuple[float, float, float]], with_scale: bool = True) -> LinearCost:
+        """Least squares over (curve prediction, events, measured) points, simplest model first to go: the
+        scale is kept only when the points determine it (full rank) and it is plausible (0.5-2: the curves were
+        measured on this device moments earlier); the per-event cost only when it is determined and not
+        negative (noise); else one offset."""
         x = np.array([[p[0], p[1], 1.0] for p in points])
         y = np.array([p[2] for p in points])
-        scale, per_event, fixed = np.linalg.lstsq(x, y, rcond=None)[0]
-        if 0.5 <= scale <= 2.0 and per_event >= 0:
-            return cls(float(scale), float(per_event), float(fixed))
-        per_event, fixed = np.linalg.lstsq(x[:, 1:], y - x[:, 0], rcond=None)[0]
-        if per_event < 0:
-            return cls(1.0, 0.0, float(np.mean(y - x[:, 0])))
-        return cls(1.0, float(per_event), float(fixed))
+        if with_scale:
+            norm = x.max(axis=0).clip(min=1e-12)  # columns of comparable size, so the rank test means something
+            coef, _, rank, _ = np.linalg.lstsq(x / norm, y, rcond=None)
+            scale, per_event, fixed = coef / norm
+            if rank == 3 and 0.5 <= scale <= 2.0 and per_event >= 0:
+                return cls(float(scale), float(per_event), float(fixed))
+        (per_event, fixed), _, rank, _ = np.linalg.lstsq(x[:, 1:], y - x[:, 0], rcond=None)
+        if rank == 2 and per_event >= 0:
+            return cls(1.0, float(per_event), float(fixed))
+        return cls(1.0, 0.0, float(np.mean(y - x[:, 0])))
 
 
 @dataclass(frozen=True)
@@ -281,8 +285,10 @@ def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
         prefill_pts.append((curves.prefill_ms(counts), drops, ttft))
         decode_pts.append((curves.decode_step_ms(counts, new), pruned, step))
         points.append({"schedule": name, "counts": counts, "ttft_ms": round(ttft, 4), "decode_step_ms": round(step, 4)})
-    return RetentionCalibration(LinearCost.fit(prefill_pts), LinearCost.fit(decode_pts) if new > 1 else LinearCost(),
-                                tuple(points))
+    # A decode step's layer costs hardly differ between the references (one query over a few hundred keys
+    # more or less), so they cannot determine a scale there: per pruned layer and fixed cost only.
+    decode = LinearCost.fit(decode_pts, with_scale=False) if new > 1 else LinearCost()
+    return RetentionCalibration(LinearCost.fit(prefill_pts), decode, tuple(points))
 
 
 class _Curves:

@@ -222,5 +222,21 @@ def test_dtype_loads_the_model_in_it_and_is_the_workloads(capsys, tmp_path):
     code, out, err = run_cli(capsys, "tune", "--model", "builtin:tiny", "--techniques", "norm_scale", "--dtype", "bf16",
                              "--budget", "1", "--out", str(tmp_path), "--json", *FAST_TUNE)
     assert code == 0, err
-    doc = yaml.safe_load(Path(json.loads(out)["policy"]).read_text())
+    bf16_file = Path(json.loads(out)["policy"])
+    assert bf16_file.name.endswith(".bfloat16.yaml")  # beside, not over, the float32 policy of this device
+    doc = yaml.safe_load(bf16_file.read_text())
     assert doc["workload"]["dtype"] == "bfloat16" and doc["model"]["fingerprint"]["dtype"] == "bfloat16"
+    code, out, err = run_cli(capsys, "tune", "--model", "builtin:tiny", "--techniques", "norm_scale",
+                             "--budget", "1", "--out", str(tmp_path), "--json", *FAST_TUNE)
+    assert code == 0, err
+    fp32_file = Path(json.loads(out)["policy"])
+    assert fp32_file.parent == bf16_file.parent and fp32_file != bf16_file
+    # one file: run takes the dtype it was tuned in; a store: the model's dtype picks the file
+    code, out, err = run_cli(capsys, "run", "--model", "builtin:tiny", "--policy", str(bf16_file), "--prompt", "1, 2,",
+                             "--max-new-tokens", "2")
+    assert code == 0, err
+    for dtype, want in (("bf16", bf16_file), ("float32", fp32_file)):
+        code, out, err = run_cli(capsys, "run", "--model", "builtin:tiny", "--policies", str(tmp_path), "--dtype",
+                                 dtype, "--prompt", "1, 2,", "--max-new-tokens", "2")
+        assert code == 0, err
+        assert f"policy: {want}" in err

@@ -41,3 +41,21 @@ def test_the_reading_repeats_and_grows_with_the_prompt():
     assert first.peak_mb is not None and first.peak_mb > 0
     assert again.peak_mb == first.peak_mb  # deterministic: the same ops allocate the same tensors
     assert longer.peak_mb > first.peak_mb  # a longer prompt: larger activations and KV cache
+
+
+def test_growth_in_place_counts_and_freed_addresses_are_new_storages():
+    with PeakMemory("cpu") as mem:
+        grown = torch.empty(0).resize_(MIB // 4)  # 1 MiB grown inside an existing (empty) storage
+        out = torch.empty(0)
+        torch.cat([grown, grown], out=out)  # out= grows `out` to 2 MiB
+        del grown, out
+        again = torch.ones(MIB // 4)  # may reuse a freed address: still a fresh 1 MiB
+        del again
+    assert mem.peak_mb == 3.0
+
+
+def test_other_devices_are_not_measured():
+    mem = PeakMemory("meta")
+    with mem:
+        torch.ones(4, device="meta")
+    assert mem.kind == "unavailable" and mem.peak_mb is None

@@ -163,6 +163,8 @@ def test_policy_path_layout(tmp_path: Path):
     assert policy_path(tmp_path, "meta-llama/Llama-3-8B", "nvidia-h100-80gb-hbm3") == (
         tmp_path / "meta-llama--llama-3-8b" / "nvidia-h100-80gb-hbm3.yaml"
     )
+    assert policy_path(tmp_path, "builtin:tiny", "cpu-x", "bfloat16") == tmp_path / "builtin-tiny" / (
+        "cpu-x.bfloat16.yaml")
 
 
 # ------------------------------------------------------------------------------------------ selection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import optuna
@@ -160,7 +161,22 @@ def test_calibrate_measures_the_reference_schedules_on_a_real_model(tmp_path):
     calibration = ctx.extras[CALIBRATION_KEY]
     assert [p["schedule"] for p in calibration.points] == ["dense", "light", "steep"]
     assert all(p["ttft_ms"] > 0 and p["decode_step_ms"] > 0 for p in calibration.points)
-    assert calibration.prefill.per_event_ms >= 0 and 0.5 <= calibration.prefill.scale <= 2.0
-    assert (tmp_path / "token_retention_calibration.json").is_file()
-    section = {"keep": [1.0, 0.5, 0.25, 0.25], "scorer": "attention", "window": 8, "sinks": 4}
-    assert 0 < space.predict_ms(section, ctx) < space.predict_ms(dict(section, keep=[1.0] * 4), ctx)
+    saved = json.loads((tmp_path / "token_retention_calibration.json").read_text())
+    assert saved["points"][0]["counts"] == [128] * 4 and set(saved["prefill"]) == {"scale", "per_event_ms", "fixed_ms"}
+    # The cost model predicts with exactly that calibration: dense = the prefill fit at dense, no drop points.
+    dense = {"keep": [1.0] * 4, "scorer": "attention", "window": 8, "sinks": 4}
+    from search_spaces.token_retention import _Curves
+
+    want = calibration.prefill(_Curves(ctx).prefill_ms([128] * 4), 0)
+    assert space.predict_ms(dense, ctx) == pytest.approx(want)
+
+
+def test_linear_cost_fit_without_scale_or_with_too_few_points():
+    from search_spaces.token_retention import LinearCost
+
+    # a decode fit: the scale is not asked for; per pruned layer and fixed cost are recovered
+    decode = LinearCost.fit([(3.0, 0, 3.5), (2.9, 5, 3.9), (2.8, 5, 3.8)], with_scale=False)
+    assert decode.scale == 1.0 and decode.per_event_ms == pytest.approx(0.1) and decode.fixed_ms == pytest.approx(0.5)
+    # rank-deficient (every point has the same event count): no per-event term is invented
+    same = LinearCost.fit([(10.0, 2, 12.0), (5.0, 2, 7.5)])
+    assert same.per_event_ms == 0.0 and same.scale == 1.0 and same.fixed_ms == pytest.approx(2.25)

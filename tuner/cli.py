@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = Workload.from_policy(policy) if policy is not None else Workload()
     workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
                         new_tokens=args.new_tokens or base.new_tokens,
-                        dtype=canonical_dtype(args.dtype) if args.dtype else base.dtype)
+                        dtype=canonical_dtype(args.dtype) if args.dtype is not None else base.dtype)
     document = run_bench(args.model, policy, args.device, workload, repeats=args.repeats,
                          quality=_quality(args), with_presets=not args.no_presets, log=_say,
                          trust_remote_code=args.trust_remote_code)
@@ -184,7 +184,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tuner.models import load_model
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, torch_device(device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    dtype = args.dtype
+    if dtype is None and args.policy:  # one file: run it in the dtype it was tuned for
+        from policies import load_policy_file
+
+        dtype = load_policy_file(args.policy).workload.dtype
+    loaded = load_model(args.model, torch_device(device), dtype=dtype, trust_remote_code=args.trust_remote_code)
     source = args.policy or args.policies
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cpu:Nt (N threads), cuda, cuda:N or a device id "
                                                       "(default: first GPU, else the CPU)")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 weights and activations "
-                                                     "(default float32; bench: the policy's)")
+                                                     "(default float32; bench and run --policy: the policy's)")
         p.add_argument("--trust-remote-code", action="store_true",
                        help="run modelling code shipped inside the checkpoint (LLaDA, Dream); off by default")
 

@@ -90,13 +90,16 @@ def summarize(samples: list[GenerationSample], new_tokens: int, memory: MemoryRe
 
 def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
                        warmup: int = 1, repeats: int = 5,
-                       forward: Callable[..., object] | None = None) -> GenerationMeasurement:
-    """Warm up, then `repeats` measurements of one variant; medians. With `forward`, also the KV-cache size."""
+                       forward: Callable[..., object] | None = None, peak_memory: bool = True) -> GenerationMeasurement:
+    """Warm up, then `repeats` measurements of one variant; medians. With `forward`, also the KV-cache size;
+    without `peak_memory`, no extra call for the memory reading (`peak_memory_mb` None, kind "not_measured")."""
     for _ in range(warmup):  # both call shapes, so that neither pays first-call costs when timed
         time_generate(generate, input_ids, 1, device)
         time_generate(generate, input_ids, new_tokens, device)
     samples = [measure_once(generate, input_ids, new_tokens, device) for _ in range(repeats)]
-    result = summarize(samples, new_tokens, peak_memory_of(generate, input_ids, new_tokens, device))
+    memory = peak_memory_of(generate, input_ids, new_tokens, device) if peak_memory else MemoryReading(
+        None, "not_measured")
+    result = summarize(samples, new_tokens, memory)
     if forward is not None:
         result.kv_cache_mb = prefill_kv_cache_mb(forward, input_ids)
     return result

@@ -154,7 +154,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     model, tokenizer = loaded.model, loaded.tokenizer
     check_model_kind(cfg, model)
     fingerprint = model_fingerprint(model)
-    target = policy_path(cfg.out_dir, loaded.model_id, device.id)
+    target = policy_path(cfg.out_dir, loaded.model_id, device.id, cfg.workload.dtype)
     artefacts = target.with_suffix(".d")
     artefacts.mkdir(parents=True, exist_ok=True)
 
