@@ -44,6 +44,7 @@ def cache_kwarg(module: Any) -> str:
     Read from the forward's signature (``inspect`` follows the deprecation decorator to the real parameters),
     so a remote-code model that still says ``past_key_values`` gets that name on a transformers that says
     ``cache``. A forward that names neither (``**kwargs`` only) gets the installed release's own name."""
+    module = _unwrap(module)
     kind = type(module)
     name = _KWARG_BY_TYPE.get(kind)
     if name is None:
@@ -54,6 +55,18 @@ def cache_kwarg(module: Any) -> str:
         name = next((n for n in CACHE_NAMES if n in params), None) or _installed_default()
         _KWARG_BY_TYPE[kind] = name
     return name
+
+
+def _unwrap(module: Any) -> Any:
+    """The model inside a ``**kwargs``-only wrapper: ``torch.compile``'s ``_orig_mod``, PEFT's base model."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and callable(getattr(module, "get_base_model", None)):
+            inner = module.get_base_model()
+        if inner is None or inner is module:
+            return module
+        module = inner
+    return module
 
 
 def cache_arg(module: Any, cache: Any) -> dict[str, Any]:
@@ -71,14 +84,6 @@ def hook_cache(kwargs: dict[str, Any]) -> Any:
         if value is not None:
             return value
     return None
-
-
-def set_hook_cache(module: Any, kwargs: dict[str, Any], cache: Any) -> None:
-    """Put ``cache`` into a pre-hook's ``kwargs``: under the spelling already there, else ``module``'s own."""
-    present = [name for name in CACHE_NAMES if name in kwargs]
-    for name in present[1:]:
-        del kwargs[name]
-    kwargs[present[0] if present else cache_kwarg(module)] = cache
 
 
 def output_cache(output: Any) -> Any:

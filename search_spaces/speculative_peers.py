@@ -60,14 +60,35 @@ def _silence_assistant_notice() -> None:
         hf_logger.addFilter(_DropHFInternalNotice())
 
 
+def _eos_ids(model: Any) -> list[int]:
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        value = getattr(model.config, "eos_token_id", None)
+    return [] if value is None else [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
 def _greedy_generate(model: Any, **fixed: Any) -> Any:
-    """`generate(input_ids, **kw)`: `model.generate` greedy with a full attention mask, plus `fixed` kwargs."""
+    """`generate(input_ids, **kw)`: `model.generate` greedy with a full attention mask, plus `fixed` kwargs.
+
+    With an assistant, "exactly n new tokens" (`min_new_tokens == max_new_tokens`, how every variant is timed)
+    is asked as an EOS-suppressing logits processor instead: transformers hands the main call's processors
+    *and* a `min_new_tokens` to the assistant's own `generate`, which then builds a second min-length
+    processor and warns about the duplicate. Suppressing EOS at every step is the same constraint."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
     pad_token_id = _pad_token_id(model)
-    if "assistant_model" in fixed:
+    assisted = "assistant_model" in fixed
+    if assisted:
         _silence_assistant_notice()
+    eos = _eos_ids(model)
 
     def generate(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         defaults = {"do_sample": False, "attention_mask": torch.ones_like(input_ids), "pad_token_id": pad_token_id}
+        if assisted and eos and kwargs.get("min_new_tokens") is not None \
+                and kwargs["min_new_tokens"] >= kwargs.get("max_new_tokens", 0) > 0:
+            kwargs = {k: v for k, v in kwargs.items() if k != "min_new_tokens"}
+            suppress = SuppressTokensLogitsProcessor(eos, device=input_ids.device)
+            kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), suppress])
         return model.generate(input_ids, **{**defaults, **kwargs, **fixed})
 
     return generate

@@ -17,7 +17,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
 from policies import apply_policy, model_fingerprint
 from policies.testing import make_policy_dict
 from profilers import hf_compat
-from profilers.hf_compat import cache_arg, cache_kwarg, hook_cache, output_cache, set_hook_cache
+from profilers.hf_compat import cache_arg, cache_kwarg, hook_cache, output_cache
 
 # Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
 pytestmark = pytest.mark.hf_internals
@@ -59,18 +59,28 @@ def test_remote_code_spelling_is_read_off_the_signature():
     assert cache_kwarg(Opaque()) == hf_compat._installed_default()
 
 
-def test_hook_cache_reads_either_spelling_and_set_keeps_the_callers():
+def test_hook_cache_reads_either_spelling():
     kv = DynamicCache()  # empty: falsy by len(), must still be found
     assert hook_cache({"past_key_values": kv}) is kv
     assert hook_cache({"cache": kv, "use_cache": True}) is kv
     assert hook_cache({"use_cache": True}) is None
-    kwargs = {"past_key_values": None}
-    set_hook_cache(_tiny_llama(), kwargs, kv)
-    assert kwargs == {"past_key_values": kv}
-    kwargs = {}
-    model = _tiny_llama()
-    set_hook_cache(model, kwargs, kv)
-    assert kwargs == {cache_kwarg(model): kv}
+
+
+def test_wrappers_are_looked_through():
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    class Compiled(torch.nn.Module):  # the shape of torch.compile's OptimizedModule: forward(*args, **kwargs)
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *args, **kwargs):
+            return self._orig_mod(*args, **kwargs)
+
+    assert cache_kwarg(Compiled(OldStyle())) == "past_key_values"
+    assert cache_kwarg(Compiled(_tiny_llama())) == cache_kwarg(_tiny_llama())
 
 
 def test_calls_through_the_seam_are_silent_and_the_output_cache_is_found(caplog):
@@ -124,9 +134,22 @@ def test_token_retention_decode_is_right_whatever_the_caller_spells(spelling):
     assert int(step.argmax()) == int(reference[0, -1])
 
 
+MODEL_CALLEES = {"model", "lm", "target", "draft", "forward", "base", "backbone"}  # what a forward is called by
+OUTPUT_NAMES = {"out", "output", "outputs", "result", "prefill", "step"}  # what its result is called
+KWARGS_NAMES = {"kwargs", "kw", "model_kwargs", "bound", "extra"}  # what a hook's keyword arguments are called
+
+
+def _last_name(node: ast.AST) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
 def _code_spellings(path: Path) -> list[str]:
-    """Places in ``path`` that spell the cache keyword in code (docstrings and comments aside)."""
+    """Places in ``path`` that spell the cache keyword in code (docstrings and comments aside): the old name
+    anywhere; the new one where it is a model's keyword (``model(..., cache=...)``), an output's attribute
+    (``out.cache``) or a hook's keyword argument (``kwargs["cache"]``, ``kwargs.get("cache")``). The diffusion
+    policy's own ``cache`` field (``cfg.cache``, ``section["cache"]``) is another thing and passes."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                   and node.body and isinstance(node.body[0], ast.Expr)}
@@ -137,15 +160,39 @@ def _code_spellings(path: Path) -> list[str]:
             name = node.id
         elif isinstance(node, ast.Attribute):
             name = node.attr
-        elif isinstance(node, ast.keyword):
-            name = node.arg
-        elif isinstance(node, ast.arg):
+            if name == "cache" and _last_name(node.value) in OUTPUT_NAMES:
+                hits.append(f"{where}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, (ast.keyword, ast.arg)):
             name = node.arg
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             name = node.value
+        elif isinstance(node, ast.Call):
+            if _last_name(node.func) in MODEL_CALLEES and any(k.arg == "cache" for k in node.keywords):
+                hits.append(f"{where}:{node.lineno} {ast.unparse(node.func)}(cache=...)")
+            if (isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args
+                    and _last_name(node.func.value) in KWARGS_NAMES and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value == "cache"):
+                hits.append(f"{where}:{node.lineno} {ast.unparse(node)}")
+        if (isinstance(node, ast.Subscript) and _last_name(node.value) in KWARGS_NAMES
+                and isinstance(node.slice, ast.Constant) and node.slice.value == "cache"):
+            hits.append(f"{where}:{node.lineno} {ast.unparse(node)}")
         if name == "past_key_values":
-            hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            hits.append(f"{where}:{node.lineno} past_key_values")
     return hits
+
+
+def test_the_spelling_scan_finds_each_form(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(model, kwargs, out, cfg):\n"
+                      "    model(1, cache=2)\n"
+                      "    kwargs['cache']\n"
+                      "    kwargs.get('cache')\n"
+                      "    out.cache\n"
+                      "    model(1, past_key_values=2)\n"
+                      "    cfg.cache\n"
+                      "    make_config(cache='prefix')\n")
+    hits = [h.split(" ", 1)[0].rsplit(":", 1)[1] for h in _code_spellings(sample)]
+    assert sorted(hits) == ["2", "3", "4", "5", "6"]
 
 
 def test_no_module_but_the_seam_spells_the_cache_keyword():
