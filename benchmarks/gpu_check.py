@@ -97,8 +97,8 @@ class Check:
     def run(self, name: str, fn: Callable[[Check], dict[str, Any]]) -> Step:
         step = Step(name)
         start = time.perf_counter()
-        if time.perf_counter() > self.deadline:
-            step.status, step.detail = "skipped", "out of time (the whole check is kept under 8 minutes)"
+        if time.perf_counter() > self.deadline:  # a check that did not run is not a pass
+            step.status, step.detail = "failed", "not run: out of time (the whole check is kept under 8 minutes)"
         else:
             try:
                 step.numbers = fn(self)
