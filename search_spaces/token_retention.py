@@ -199,20 +199,20 @@ class LinearCost:
 
     @classmethod
     def fit(cls, points: list[tuple[float, float, float]], with_scale: bool = True) -> LinearCost:
-        """Least squares over (curve prediction, events, measured) points, simplest model first to go: the
-        scale is kept only when the points determine it (full rank) and it is plausible (0.5-2: the curves were
-        measured on this device moments earlier); the per-event cost only when it is determined and not
-        negative (noise); else one offset."""
+        """Least squares over (curve prediction, events, measured) points. Each term is kept only when the
+        points determine it (full rank) and the fit is physical: a scale of 0.7-1.5 (the curves were measured
+        in this model on this device moments earlier), no negative per-event or fixed cost (those come from
+        noise). Else the scale is 1; else the per-event term goes too, leaving one offset."""
         x = np.array([[p[0], p[1], 1.0] for p in points])
         y = np.array([p[2] for p in points])
         if with_scale:
             norm = x.max(axis=0).clip(min=1e-12)  # columns of comparable size, so the rank test means something
             coef, _, rank, _ = np.linalg.lstsq(x / norm, y, rcond=None)
             scale, per_event, fixed = coef / norm
-            if rank == 3 and 0.5 <= scale <= 2.0 and per_event >= 0:
+            if rank == 3 and 0.7 <= scale <= 1.5 and per_event >= 0 and fixed >= 0:
                 return cls(float(scale), float(per_event), float(fixed))
         (per_event, fixed), _, rank, _ = np.linalg.lstsq(x[:, 1:], y - x[:, 0], rcond=None)
-        if rank == 2 and per_event >= 0:
+        if rank == 2 and per_event >= 0 and fixed >= 0:
             return cls(1.0, float(per_event), float(fixed))
         return cls(1.0, 0.0, float(np.mean(y - x[:, 0])))
 
@@ -235,11 +235,15 @@ def _events(counts: list[int]) -> tuple[int, int]:
 
 
 def reference_schedules(n_layers: int) -> dict[str, list[float]]:
-    """Dense, a schedule that drops a few tokens at every layer (layer costs ~ dense, every drop point paid),
-    and a steep one (small layer costs): together they separate the per-drop cost from the layer scale."""
-    light = [1.0] + [round(0.97 ** i, 4) for i in range(1, n_layers)]
-    steep = [1.0] + [round(max(MIN_KEEP, 0.5 ** i), 4) for i in range(1, n_layers)]
-    return {"dense": [1.0] * n_layers, "light": light, "steep": steep}
+    """Dense; `light` drops a few tokens at every layer (layer costs ~ dense, every drop point paid); `one_drop`
+    halves the prompt once (FastV-like: half the layer cost, one drop point); `medium` and `steep` decay at
+    every layer (smaller layer costs, every drop point). Five points for three unknowns, so that one disturbed
+    measurement on a busy machine cannot set the fit alone."""
+    def decay(rate: float) -> list[float]:
+        return [1.0] + [round(max(MIN_KEEP, rate ** i), 4) for i in range(1, n_layers)]
+
+    return {"dense": [1.0] * n_layers, "light": decay(0.97), "one_drop": [1.0] + [0.5] * (n_layers - 1),
+            "medium": decay(0.8), "steep": decay(0.5)}
 
 
 def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,

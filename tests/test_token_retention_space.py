@@ -124,7 +124,7 @@ def test_reference_schedules_are_valid_and_separate_the_terms():
 
     runtime = get_runtime("token_retention")
     refs = reference_schedules(6)
-    assert list(refs) == ["dense", "light", "steep"]
+    assert list(refs) == ["dense", "light", "one_drop", "medium", "steep"]
     for keep in refs.values():
         assert len(keep) == 6 and keep[0] == 1.0 and keep == sorted(keep, reverse=True)
         assert runtime.validate({"keep": keep, "scorer": "attention", "window": 8, "sinks": 4}, PATH) == []
@@ -159,7 +159,7 @@ def test_calibrate_measures_the_reference_schedules_on_a_real_model(tmp_path):
     space = get_search_space("token_retention")
     space.prepare(ctx, model, None, "cpu")
     calibration = ctx.extras[CALIBRATION_KEY]
-    assert [p["schedule"] for p in calibration.points] == ["dense", "light", "steep"]
+    assert [p["schedule"] for p in calibration.points] == ["dense", "light", "one_drop", "medium", "steep"]
     assert all(p["ttft_ms"] > 0 and p["decode_step_ms"] > 0 for p in calibration.points)
     saved = json.loads((tmp_path / "token_retention_calibration.json").read_text())
     assert saved["points"][0]["counts"] == [128] * 4 and set(saved["prefill"]) == {"scale", "per_event_ms", "fixed_ms"}
@@ -180,3 +180,11 @@ def test_linear_cost_fit_without_scale_or_with_too_few_points():
     # rank-deficient (every point has the same event count): no per-event term is invented
     same = LinearCost.fit([(10.0, 2, 12.0), (5.0, 2, 7.5)])
     assert same.per_event_ms == 0.0 and same.scale == 1.0 and same.fixed_ms == pytest.approx(2.25)
+
+
+def test_linear_cost_fit_rejects_a_negative_fixed_cost():
+    from search_spaces.token_retention import LinearCost
+
+    # one disturbed reference (the second) makes the exact fit 1.43x layers - 37.6 ms: unphysical, refused
+    fit = LinearCost.fit([(110.0, 0, 117.6), (106.0, 5, 136.0), (45.0, 5, 50.7)])
+    assert fit.fixed_ms >= 0 and 0.7 <= fit.scale <= 1.5
