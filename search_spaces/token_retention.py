@@ -198,13 +198,16 @@ class LinearCost:
         return self.scale * layers_ms + self.per_event_ms * events + self.fixed_ms
 
     @classmethod
-    def fit(cls, points: list[tuple[float, float, float]], with_scale: bool = True) -> LinearCost:
+    def fit(cls, points: list[tuple[float, float, float]], with_scale: bool = True,
+            per_event: float | None = None) -> LinearCost:
         """Least squares over (curve prediction, events, measured) points. Each term is kept only when the
         points determine it (full rank) and the fit is physical: a scale of 0.7-1.5 (the curves were measured
         in this model on this device moments earlier), no negative per-event or fixed cost (those come from
         noise). Else the scale is 1; else the per-event term goes too, leaving one offset."""
         x = np.array([[p[0], p[1], 1.0] for p in points])
         y = np.array([p[2] for p in points])
+        if per_event is not None:  # measured separately: fit the scale and the fixed part around it
+            return cls._fit_known_events(x, y, per_event, with_scale)
         if with_scale:
             norm = x.max(axis=0).clip(min=1e-12)  # columns of comparable size, so the rank test means something
             coef, _, rank, _ = np.linalg.lstsq(x / norm, y, rcond=None)
@@ -215,6 +218,15 @@ class LinearCost:
         if rank == 2 and per_event >= 0 and fixed >= 0:
             return cls(1.0, float(per_event), float(fixed))
         return cls(1.0, 0.0, float(np.mean(y - x[:, 0])))
+
+    @classmethod
+    def _fit_known_events(cls, x: np.ndarray, y: np.ndarray, per_event: float, with_scale: bool) -> LinearCost:
+        rest = y - per_event * x[:, 1]
+        if with_scale:
+            (scale, fixed), _, rank, _ = np.linalg.lstsq(x[:, [0, 2]], rest, rcond=None)
+            if rank == 2 and 0.7 <= scale <= 1.5 and fixed >= 0:
+                return cls(float(scale), per_event, float(fixed))
+        return cls(1.0, per_event, float(np.mean(rest - x[:, 0])))
 
 
 @dataclass(frozen=True)
@@ -246,26 +258,24 @@ def reference_schedules(n_layers: int) -> dict[str, list[float]]:
             "medium": decay(0.8), "steep": decay(0.5)}
 
 
-def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
-              repeats: int = CALIBRATION_REPEATS) -> RetentionCalibration:
-    """Medians of `repeats` interleaved generate calls (TTFT and full latency) of the reference schedules, so
-    that drift on a busy machine hits all of them alike; fitted against the curves' predictions. Random token
-    ids of the workload's length: what a prefill costs does not depend on which tokens it holds."""
+PER_DROP_TOKENS = 128  # the short prompt on which the runtime's own cost per drop point is measured
+PER_DROP_REPEATS = 15
+
+
+def _interleaved_medians(model: Any, device: Any, input_ids: Any, sections: dict[str, dict[str, Any] | None],
+                         new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """{name: (median TTFT, median decode step)} of generate calls with each section applied (None: dense),
+    interleaved `repeats` times so that drift on a busy machine hits all of them alike."""
     import torch
 
     from policies.runtime import apply_policy
-    from policies.token_retention import TokenRetentionRuntime, kept_counts_for_section
+    from policies.token_retention import TokenRetentionRuntime
     from profilers.timing import time_callable
 
-    prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    input_ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    sections = {name: {"keep": keep, "scorer": "attention", "window": 8, "sinks": SINKS, "min_prompt_tokens": 1}
-                for name, keep in reference_schedules(ctx.num_layers).items()}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in sections}
     for r in range(repeats):
         for name, section in sections.items():
-            undo = TokenRetentionRuntime().apply(model, section) if name != "dense" else None
+            undo = TokenRetentionRuntime().apply(model, section) if section is not None else None
             try:
                 with apply_policy(model, None) as handle, torch.inference_mode():
                     def call(n: int, generate: Any = handle.generate) -> Any:
@@ -273,26 +283,73 @@ def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
 
                     warmup = 1 if r == 0 else 0
                     ttft = time_callable(lambda: call(1), device, warmup=warmup, repeats=1).median_ms
-                    full = time_callable(lambda: call(new), device, warmup=warmup, repeats=1).median_ms if new > 1 \
-                        else ttft
+                    full = time_callable(lambda: call(new_tokens), device, warmup=warmup, repeats=1).median_ms \
+                        if new_tokens > 1 else ttft
             finally:
                 if undo is not None:
                     undo.remove()
-            samples[name].append((ttft, (full - ttft) / (new - 1) if new > 1 else 0.0))
+            samples[name].append((ttft, (full - ttft) / (new_tokens - 1) if new_tokens > 1 else 0.0))
+    return {name: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
+            for name, v in samples.items()}
+
+
+def _section(keep: list[float]) -> dict[str, Any]:
+    return {"keep": keep, "scorer": "attention", "window": 8, "sinks": SINKS, "min_prompt_tokens": 1}
+
+
+def _random_ids(model: Any, n: int, device: Any) -> Any:
+    import torch
+
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def per_drop_ms(ctx: SearchContext, model: Any, device: Any, repeats: int = PER_DROP_REPEATS) -> float:
+    """The runtime's own cost per drop point (scoring, top-k, slicing), measured where it is not lost in the
+    noise of a long prefill: on a short prompt, a schedule dropping a few tokens at every layer against dense,
+    minus what the curves say the fewer tokens save. It hardly depends on the prompt's length (Python and
+    small ops), so it carries over to the workload's."""
+    from policies.token_retention import kept_counts_for_section
+
+    n = min(int(ctx.workload["prompt_tokens"]), PER_DROP_TOKENS)
+    light = reference_schedules(ctx.num_layers)["light"]
+    medians = _interleaved_medians(model, device, _random_ids(model, n, device),
+                                   {"dense": None, "light": _section(light)}, 1, repeats)
+    counts = kept_counts_for_section(_section(light), n)
+    drops, _ = _events(counts)
+    if drops == 0:
+        return 0.0
+    curves = _Curves(ctx)
+    saved = curves.prefill_ms([n] * ctx.num_layers) - curves.prefill_ms(counts)
+    return max(0.0, (medians["light"][0] - medians["dense"][0] + saved) / drops)
+
+
+def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
+              repeats: int = CALIBRATION_REPEATS) -> RetentionCalibration:
+    """The per-drop cost from a short prompt (`per_drop_ms`), then the layer-cost scale and fixed part from
+    medians of `repeats` interleaved generate calls (TTFT and full latency) of the reference schedules at the
+    workload's length. Random token ids: what a prefill costs does not depend on which tokens it holds."""
+    from policies.token_retention import kept_counts_for_section
+
+    prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
+    per_drop = per_drop_ms(ctx, model, device)
+    sections = {name: _section(keep) for name, keep in reference_schedules(ctx.num_layers).items()}
+    medians = _interleaved_medians(model, device, _random_ids(model, prompt, device),
+                                   {name: (None if name == "dense" else sec) for name, sec in sections.items()},
+                                   new, repeats)
     curves = _Curves(ctx)
     prefill_pts, decode_pts, points = [], [], []
     for name, section in sections.items():
         counts = kept_counts_for_section(section, prompt)
         drops, pruned = _events(counts)
-        ttft = statistics.median(t for t, _ in samples[name])
-        step = statistics.median(d for _, d in samples[name])
+        ttft, step = medians[name]
         prefill_pts.append((curves.prefill_ms(counts), drops, ttft))
         decode_pts.append((curves.decode_step_ms(counts, new), pruned, step))
         points.append({"schedule": name, "counts": counts, "ttft_ms": round(ttft, 4), "decode_step_ms": round(step, 4)})
     # A decode step's layer costs hardly differ between the references (one query over a few hundred keys
     # more or less), so they cannot determine a scale there: per pruned layer and fixed cost only.
     decode = LinearCost.fit(decode_pts, with_scale=False) if new > 1 else LinearCost()
-    return RetentionCalibration(LinearCost.fit(prefill_pts), decode, tuple(points))
+    return RetentionCalibration(LinearCost.fit(prefill_pts, per_event=per_drop), decode, tuple(points))
 
 
 class _Curves:
