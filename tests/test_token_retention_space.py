@@ -188,3 +188,13 @@ def test_linear_cost_fit_rejects_a_negative_fixed_cost():
     # one disturbed reference (the second) makes the exact fit 1.43x layers - 37.6 ms: unphysical, refused
     fit = LinearCost.fit([(110.0, 0, 117.6), (106.0, 5, 136.0), (45.0, 5, 50.7)])
     assert fit.fixed_ms >= 0 and 0.7 <= fit.scale <= 1.5
+
+
+def test_linear_cost_fit_around_a_measured_per_event_cost():
+    from search_spaces.token_retention import LinearCost
+
+    truth = LinearCost(scale=1.1, per_event_ms=0.7, fixed_ms=4.0)
+    points = [(layers, events, truth(layers, events)) for layers, events in ((100.0, 0), (97.0, 5), (58.0, 1),
+                                                                             (45.0, 5), (30.0, 5))]
+    fit = LinearCost.fit(points, per_event=0.7)
+    assert (fit.scale, fit.per_event_ms, fit.fixed_ms) == pytest.approx((1.1, 0.7, 4.0))
