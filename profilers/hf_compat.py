@@ -91,14 +91,11 @@ def output_cache(output: Any) -> Any:
 
     Read with ``dict``'s own methods: ``ModelOutput`` overrides ``in``, ``[]`` and the ``past_key_values``
     property to map the old name to the new one with a logged deprecation line."""
-    if isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
-        for name in CACHE_NAMES:
-            if dict.__contains__(output, name):
-                return dict.__getitem__(output, name)
+    if not isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields; a tensor has none
         return None
-    for name in CACHE_NAMES:  # plain objects (a peer's own output type)
-        if name in getattr(output, "__dict__", {}):
-            return output.__dict__[name]
+    for name in CACHE_NAMES:
+        if dict.__contains__(output, name):
+            return dict.__getitem__(output, name)
     return None
 
 

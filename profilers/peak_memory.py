@@ -4,12 +4,12 @@
   (``cuda_peak_allocated``); free to read, so it can wrap a timed call.
 - CPU: torch keeps no allocator counter there, and the process's resident set is useless after the first
   call (glibc reuses freed pages, so RSS growth reads 0 MB for every variant but the first). Instead a
-  ``TorchDispatchMode`` sees every ATen op: each output whose storage is not one of the op's inputs' (a fresh
-  allocation, not a view or an in-place result) adds its bytes to a live total, and a finalizer on the storage
-  subtracts them when it is freed. The peak of that total is the block's peak extra tensor memory
-  (``cpu_peak_tensors``): activations, KV caches, logits, scratch copies -- what a technique changes.
-  Memory an op uses internally and frees before returning (a fused kernel's workspace) is not seen. The
-  mode costs Python work per op, so the block must not be one that is also timed.
+  ``TorchDispatchMode`` sees every ATen op: an output storage that is new (not a view or an in-place result of
+  an input) adds its bytes to a live total, one an op grew in place adds the growth, and a finalizer on the
+  storage subtracts what was counted for it when it is freed. The peak of that total is the block's peak
+  extra tensor memory (``cpu_peak_tensors``): activations, KV caches, logits, scratch copies -- what a technique
+  changes. Memory an op uses internally and frees before returning (a fused kernel's workspace) is not seen.
+  The mode costs Python work per op, so the block must not be one that is also timed.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ class _LiveTensorBytes(TorchDispatchMode):
                 continue
             seen.add(id(st))
             key, nbytes = id(st), st.nbytes()
-            grown = nbytes - before.get(key, 0) if key in before else nbytes
-            if key in self._counted:  # allocated inside the block; a view, an in-place result or a resize
-                grown = nbytes - self._counted[key]
+            # counted before (allocated inside the block): only growth; else what is new beyond the inputs'
+            grown = nbytes - (self._counted[key] if key in self._counted else before.get(key, 0))
             if grown <= 0:
                 continue
             if key not in self._counted:

@@ -14,11 +14,11 @@ score them):
 - `free`       per-layer multiplicative decays in [0.5, 1], so any monotone schedule is reachable.
 
 The cost hook predicts prefill latency from this device's per-layer curves: the sum over layers of
-latency(layer, tokens kept there), scaled, plus a fixed part and a cost per drop point, the three calibrated in
-`prepare` from real generate calls of dense and two reference schedules on this device (`RetentionCalibration`).
-The per-drop cost is the runtime's own work where tokens are dropped (window attention scores, the top-k
-selection, slicing rows and positions): about 0.6 ms per drop point on a 2-core CPU, i.e. 10-15% of a pruned
-prefill of builtin:tiny, which a cost model of layer curves alone under-predicts by as much.
+latency(layer, tokens kept there), scaled, plus a fixed part and a cost per drop point, calibrated in `prepare`
+from real generate calls on this device (`calibrate`): the per-drop cost on a short prompt, the scale and fixed
+part on five reference schedules at the workload's length. The per-drop cost is the runtime's own work where
+tokens are dropped (window attention scores, the top-k selection, slicing rows and positions): 0.5-1 ms per drop
+point on a 2-core CPU, 10-15% of a pruned prefill of builtin:tiny, which layer curves alone under-predict.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class TokenRetentionSpace(SearchSpace):
         """Calibrate the cost model on real generate calls (see `calibrate`); needs the profile's curves."""
         if ctx.curves is None:
             return
-        calibration = ctx.extras[CALIBRATION_KEY] = calibrate(ctx, model, tokenizer, device)
+        calibration = ctx.extras[CALIBRATION_KEY] = calibrate(ctx, model, device)
         artefacts = ctx.extras.get("artefacts")
         if artefacts is not None:  # beside the study, for anyone asking why a trial was predicted as it was
             path = Path(artefacts) / "token_retention_calibration.json"
@@ -198,35 +198,27 @@ class LinearCost:
         return self.scale * layers_ms + self.per_event_ms * events + self.fixed_ms
 
     @classmethod
-    def fit(cls, points: list[tuple[float, float, float]], with_scale: bool = True,
-            per_event: float | None = None) -> LinearCost:
-        """Least squares over (curve prediction, events, measured) points. Each term is kept only when the
-        points determine it (full rank) and the fit is physical: a scale of 0.7-1.5 (the curves were measured
-        in this model on this device moments earlier), no negative per-event or fixed cost (those come from
-        noise). Else the scale is 1; else the per-event term goes too, leaving one offset."""
+    def fit(cls, points: list[tuple[float, float, float]], per_event: float | None = None) -> LinearCost:
+        """Least squares over (curve prediction, events, measured) points.
+
+        With `per_event` measured separately (prefill: `per_drop_ms`), the scale and fixed part are fitted
+        around it; without (decode), the per-event and fixed part at scale 1 (the references' decode layer
+        costs barely differ, so they cannot determine a scale). A fit is kept only when the points determine
+        it (full rank) and it is physical: a scale of 0.7-1.5 (the curves were measured in this model on this
+        device moments earlier), no negative per-event or fixed cost (those come from noise). Else one offset
+        at scale 1."""
         x = np.array([[p[0], p[1], 1.0] for p in points])
         y = np.array([p[2] for p in points])
-        if per_event is not None:  # measured separately: fit the scale and the fixed part around it
-            return cls._fit_known_events(x, y, per_event, with_scale)
-        if with_scale:
-            norm = x.max(axis=0).clip(min=1e-12)  # columns of comparable size, so the rank test means something
-            coef, _, rank, _ = np.linalg.lstsq(x / norm, y, rcond=None)
-            scale, per_event, fixed = coef / norm
-            if rank == 3 and 0.7 <= scale <= 1.5 and per_event >= 0 and fixed >= 0:
-                return cls(float(scale), float(per_event), float(fixed))
+        if per_event is not None:
+            rest = y - per_event * x[:, 1]
+            (scale, fixed), _, rank, _ = np.linalg.lstsq(x[:, [0, 2]], rest, rcond=None)
+            if rank == 2 and 0.7 <= scale <= 1.5 and fixed >= 0:
+                return cls(float(scale), per_event, float(fixed))
+            return cls(1.0, per_event, float(np.mean(rest - x[:, 0])))
         (per_event, fixed), _, rank, _ = np.linalg.lstsq(x[:, 1:], y - x[:, 0], rcond=None)
         if rank == 2 and per_event >= 0 and fixed >= 0:
             return cls(1.0, float(per_event), float(fixed))
         return cls(1.0, 0.0, float(np.mean(y - x[:, 0])))
-
-    @classmethod
-    def _fit_known_events(cls, x: np.ndarray, y: np.ndarray, per_event: float, with_scale: bool) -> LinearCost:
-        rest = y - per_event * x[:, 1]
-        if with_scale:
-            (scale, fixed), _, rank, _ = np.linalg.lstsq(x[:, [0, 2]], rest, rcond=None)
-            if rank == 2 and 0.7 <= scale <= 1.5 and fixed >= 0:
-                return cls(float(scale), per_event, float(fixed))
-        return cls(1.0, per_event, float(np.mean(rest - x[:, 0])))
 
 
 @dataclass(frozen=True)
@@ -326,8 +318,7 @@ def per_drop_ms(ctx: SearchContext, model: Any, device: Any, repeats: int = PER_
     return max(0.0, (medians["light"][0] - medians["dense"][0] + saved) / drops)
 
 
-def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
-              repeats: int = CALIBRATION_REPEATS) -> RetentionCalibration:
+def calibrate(ctx: SearchContext, model: Any, device: Any, repeats: int = CALIBRATION_REPEATS) -> RetentionCalibration:
     """The per-drop cost from a short prompt (`per_drop_ms`), then the layer-cost scale and fixed part from
     medians of `repeats` interleaved generate calls (TTFT and full latency) of the reference schedules at the
     workload's length. Random token ids: what a prefill costs does not depend on which tokens it holds."""
@@ -348,9 +339,7 @@ def calibrate(ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
         prefill_pts.append((curves.prefill_ms(counts), drops, ttft))
         decode_pts.append((curves.decode_step_ms(counts, new), pruned, step))
         points.append({"schedule": name, "counts": counts, "ttft_ms": round(ttft, 4), "decode_step_ms": round(step, 4)})
-    # A decode step's layer costs hardly differ between the references (one query over a few hundred keys
-    # more or less), so they cannot determine a scale there: per pruned layer and fixed cost only.
-    decode = LinearCost.fit(decode_pts, with_scale=False) if new > 1 else LinearCost()
+    decode = LinearCost.fit(decode_pts) if new > 1 else LinearCost()
     return RetentionCalibration(LinearCost.fit(prefill_pts, per_event=per_drop), decode, tuple(points))
 
 

@@ -98,27 +98,6 @@ def test_cost_model_adds_decode_for_end_to_end_latency():
 # Calibration: the cost model is fitted on real generate calls of reference schedules
 
 
-def test_linear_cost_fit_recovers_scale_per_event_and_fixed_cost():
-    from search_spaces.token_retention import LinearCost
-
-    truth = LinearCost(scale=1.2, per_event_ms=0.6, fixed_ms=3.0)
-    points = [(layers, events, truth(layers, events)) for layers, events in ((100.0, 0), (97.0, 5), (30.0, 5))]
-    fit = LinearCost.fit(points)
-    assert fit.scale == pytest.approx(1.2) and fit.per_event_ms == pytest.approx(0.6)
-    assert fit.fixed_ms == pytest.approx(3.0)
-
-
-def test_linear_cost_fit_falls_back_when_the_scale_is_implausible_or_events_pay_back():
-    from search_spaces.token_retention import LinearCost
-
-    # measured does not move with the curves (a scale of ~0): keep scale 1, fit the rest
-    flat = LinearCost.fit([(100.0, 0, 50.0), (97.0, 5, 53.0), (30.0, 5, 52.0)])
-    assert flat.scale == 1.0 and flat.per_event_ms >= 0
-    # noise making the events look like savings: one offset, no per-event term
-    noisy = LinearCost.fit([(100.0, 0, 110.0), (100.0, 5, 100.0), (50.0, 5, 50.0)])
-    assert noisy.per_event_ms == 0.0 and noisy.scale == 1.0
-
-
 def test_reference_schedules_are_valid_and_separate_the_terms():
     from search_spaces.token_retention import _events, reference_schedules
 
@@ -171,25 +150,6 @@ def test_calibrate_measures_the_reference_schedules_on_a_real_model(tmp_path):
     assert space.predict_ms(dense, ctx) == pytest.approx(want)
 
 
-def test_linear_cost_fit_without_scale_or_with_too_few_points():
-    from search_spaces.token_retention import LinearCost
-
-    # a decode fit: the scale is not asked for; per pruned layer and fixed cost are recovered
-    decode = LinearCost.fit([(3.0, 0, 3.5), (2.9, 5, 3.9), (2.8, 5, 3.8)], with_scale=False)
-    assert decode.scale == 1.0 and decode.per_event_ms == pytest.approx(0.1) and decode.fixed_ms == pytest.approx(0.5)
-    # rank-deficient (every point has the same event count): no per-event term is invented
-    same = LinearCost.fit([(10.0, 2, 12.0), (5.0, 2, 7.5)])
-    assert same.per_event_ms == 0.0 and same.scale == 1.0 and same.fixed_ms == pytest.approx(2.25)
-
-
-def test_linear_cost_fit_rejects_a_negative_fixed_cost():
-    from search_spaces.token_retention import LinearCost
-
-    # one disturbed reference (the second) makes the exact fit 1.43x layers - 37.6 ms: unphysical, refused
-    fit = LinearCost.fit([(110.0, 0, 117.6), (106.0, 5, 136.0), (45.0, 5, 50.7)])
-    assert fit.fixed_ms >= 0 and 0.7 <= fit.scale <= 1.5
-
-
 def test_linear_cost_fit_around_a_measured_per_event_cost():
     from search_spaces.token_retention import LinearCost
 
@@ -198,3 +158,24 @@ def test_linear_cost_fit_around_a_measured_per_event_cost():
                                                                              (45.0, 5), (30.0, 5))]
     fit = LinearCost.fit(points, per_event=0.7)
     assert (fit.scale, fit.per_event_ms, fit.fixed_ms) == pytest.approx((1.1, 0.7, 4.0))
+
+
+def test_linear_cost_fit_per_event_and_fixed_at_scale_one():
+    from search_spaces.token_retention import LinearCost
+
+    decode = LinearCost.fit([(3.0, 0, 3.5), (2.9, 5, 3.9), (2.8, 5, 3.8)])
+    assert decode.scale == 1.0 and decode.per_event_ms == pytest.approx(0.1) and decode.fixed_ms == pytest.approx(0.5)
+    # rank-deficient (every point has the same event count): no per-event term is invented
+    same = LinearCost.fit([(10.0, 2, 12.0), (5.0, 2, 7.5)])
+    assert same.per_event_ms == 0.0 and same.scale == 1.0 and same.fixed_ms == pytest.approx(2.25)
+    # noise making the events look like savings: one offset, no per-event term
+    noisy = LinearCost.fit([(100.0, 0, 110.0), (100.0, 5, 100.0), (50.0, 5, 50.0)])
+    assert noisy.per_event_ms == 0.0 and noisy.scale == 1.0
+
+
+def test_linear_cost_fit_around_a_measured_per_event_cost_keeps_only_physical_scales():
+    from search_spaces.token_retention import LinearCost
+
+    # one disturbed reference (the second) would make the fit 1.4x layers minus a fixed cost: refused
+    fit = LinearCost.fit([(110.0, 0, 117.6), (106.0, 5, 136.0), (45.0, 5, 50.7)], per_event=0.6)
+    assert fit.scale == 1.0 and fit.per_event_ms == 0.6
