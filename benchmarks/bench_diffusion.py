@@ -69,7 +69,7 @@ def held_out_quality(model_spec: str, policy, examples: int, seed: int) -> dict[
 def cache_cost(model_spec: str, section: dict, examples: int, seed: int) -> dict[str, dict[str, float]]:
     """The block cache's quality cost: `section` decoded with cache none / prefix / dual on the same held-out
     examples; accuracy per task and how many generations equal the uncached ones."""
-    from policies.diffusion import DiffusionConfig, diffusion_generate
+    from policies.diffusion_blocks import DiffusionConfig, diffusion_generate
     from tuner.models import load_model
     from tuner.tasks import get_task
 

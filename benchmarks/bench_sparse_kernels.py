@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from policies.sparse_kernels import SPARSE_KERNELS, magnitude_keep  # noqa: E402
-from profilers.sparse_profiler import median_us  # noqa: E402
+from search_spaces.sparsity_profiler import median_us  # noqa: E402
 
 # builtin:tiny's, 512-wide, builtin:tiny-wide's (gate_up concatenated: 5504 x 1024; down 1024 x 2752), 7B-sized
 SHAPES = ((688, 256), (256, 688), (1376, 512), (512, 1376), (5504, 1024), (1024, 2752), (11008, 4096),

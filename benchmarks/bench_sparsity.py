@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from policies.activation_sparsity import GROUPS, SparsityRuntime  # noqa: E402
+from policies.sparsity import GROUPS, SparsityRuntime  # noqa: E402
 from policies.fingerprint import model_fingerprint  # noqa: E402
 from search_spaces import SearchContext, get_search_space  # noqa: E402
 from search_spaces.sparsity_greedy import levels_for  # noqa: E402

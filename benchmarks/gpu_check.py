@@ -194,7 +194,7 @@ def step_peak_memory(c: Check) -> dict[str, Any]:
 
 
 def step_verify_curve(c: Check) -> dict[str, Any]:
-    from profilers.verify_profiler import profile_verify
+    from search_spaces.speculative_profiler import profile_verify
     from tuner.models import load_model
 
     dev = torch_device(resolve_device(c.device))

@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_ORDER",
+    "DecodeStats",
     "FunctionHandle",
     "TechniqueHandle",
     "TechniqueRuntime",
@@ -32,8 +33,8 @@ __all__ = [
 
 #: Modules that define (and register) the built-in technique runtimes. One line per technique.
 _BUILTIN_RUNTIME_MODULES: tuple[str, ...] = ("policies.token_retention", "policies.speculative",
-                                                "policies.activation_sparsity",
-                                                "policies.weight_sparsity", "policies.diffusion")
+                                                "policies.sparsity",
+                                                "policies.weight_sparsity", "policies.diffusion_blocks")
 
 #: Application order of a runtime that does not say otherwise. Convention (lower runs first):
 #: 0-99 weight/structure edits (e.g. sparse linears), 100-199 forward hooks (e.g. token retention),
@@ -42,13 +43,28 @@ _BUILTIN_RUNTIME_MODULES: tuple[str, ...] = ("policies.token_retention", "polici
 DEFAULT_ORDER = 100
 
 
+class DecodeStats(ABC):
+    """What a decode-loop owner's last ``generate`` did (``handle.last_stats``), in one plain shape.
+
+    ``report_key`` names the block under which ``autotune run --json`` prints ``to_dict()``, so callers never
+    guess the kind of loop from the attributes an object happens to have."""
+
+    report_key: str = ""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics as plain JSON data (ints, floats, lists)."""
+
+
 class TechniqueHandle(ABC):
     """What ``TechniqueRuntime.apply`` returns: undoes the technique.
 
     ``remove()`` must restore the model exactly (``torch.equal`` logits) and be idempotent. A technique
     that owns the decode loop (speculative decoding, diffusion decoding) also overrides ``generate``;
-    at most one technique of a policy may do so.
+    at most one technique of a policy may do so, and it sets ``last_stats`` after each call.
     """
+
+    last_stats: DecodeStats | None = None
 
     @abstractmethod
     def remove(self) -> None:
@@ -90,7 +106,7 @@ class TechniqueRuntime(ABC):
     name: str
     order: int = DEFAULT_ORDER
     owns_generate: bool = False
-    #: The kinds of model the technique applies to (``policies.diffusion.model_kind``): a policy section
+    #: The kinds of model the technique applies to (``policies.diffusion_blocks.model_kind``): a policy section
     #: for another kind is refused by ``apply_policy`` before anything is touched.
     model_kinds: tuple[str, ...] = ("causal-lm",)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from policies.fingerprint import fingerprint_mismatches, model_fingerprint
 from policies.model_kind import kind_problems, model_kind
-from policies.registry import TechniqueHandle, get_runtime, runtime_order
+from policies.registry import DecodeStats, TechniqueHandle, get_runtime, runtime_order
 from policies.schema import Policy, PolicyError, policy_from_dict, validate_techniques
 
 __all__ = ["PolicyHandle", "apply_policy"]
@@ -43,7 +43,7 @@ class PolicyHandle:
         if self._generator is None and model_kind(model) == "masked-diffusion":
             # a denoiser has no `model.generate`: its dense decode is the baseline diffusion loop (one token per
             # forward), which reports its forwards like any decode-loop owner
-            from policies.diffusion import baseline_handle
+            from policies.diffusion_blocks import baseline_handle
 
             self._generator = baseline_handle(model)
 
@@ -56,6 +56,12 @@ class PolicyHandle:
         """The technique handle that owns the decode loop (e.g. speculative decoding, whose `last_stats`
         report accepted tokens per step), or None."""
         return self._generator
+
+    @property
+    def last_stats(self) -> DecodeStats | None:
+        """What the decode-loop owner's latest ``generate`` did (``DecodeStats.to_dict()``), or None when the
+        model's own ``generate`` ran."""
+        return None if self._generator is None else self._generator.last_stats
 
     @property
     def active(self) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from policies.checkpoints import load_causal_lm
 from policies.drafters import (
     Draft,
     Drafter,
@@ -43,7 +44,7 @@ from policies.drafters import (
     RecycleDrafter,
     Sampling,
 )
-from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
+from policies.registry import DecodeStats, TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError
 from policies.tree_attention import (
     accept_greedy,
@@ -66,8 +67,10 @@ _LOOKUP_DEFAULTS = {"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1}
 
 
 @dataclass
-class SpeculativeStats:
+class SpeculativeStats(DecodeStats):
     """What the loop did: steps, drafted and accepted tokens (per step), for reports and tuning."""
+
+    report_key = "speculative"
 
     steps: int = 0
     drafted: int = 0
@@ -81,6 +84,9 @@ class SpeculativeStats:
     def mean_accepted(self) -> float:
         """Mean accepted draft tokens per verify step (each step also yields one target token)."""
         return self.accepted / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted}
 
 
 def chain(tokens: Sequence[int]) -> Draft:
@@ -287,9 +293,7 @@ def load_draft_model(spec: str, device: torch.device, dtype: torch.dtype = torch
     """The draft model `spec` (builtin:NAME or a local checkpoint), loaded once per process, device and dtype."""
     key = (spec, str(device), str(dtype))
     if key not in _DRAFT_MODELS:
-        from tuner.models import load_model
-
-        _DRAFT_MODELS[key] = load_model(spec, device, dtype=str(dtype).removeprefix("torch.")).model.eval()
+        _DRAFT_MODELS[key] = load_causal_lm(spec, device, dtype)
     return _DRAFT_MODELS[key]
 
 

@@ -1,7 +1,7 @@
 """Training-free unstructured and 2:4 weight sparsity (magnitude, Wanda) per layer and projection group.
 
 The `weight_sparsity` technique zeroes a fraction of each projection's weights, chosen per decoder layer and per
-projection group (the groups of `policies.activation_sparsity`: `qkv`, `o`, `gate_up`, `down`):
+projection group (the groups of `policies.sparsity`: `qkv`, `o`, `gate_up`, `down`):
 - `magnitude`: the smallest |W_ij| of each linear's whole matrix go (layer-wise magnitude pruning);
 - `wanda` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"): score = |W_ij| * ||X_j||_2,
   the weight times the L2 norm of its input channel over calibration tokens, compared *per output row*: every
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.activation_sparsity import GROUPS, group_linears
+from policies.sparsity import GROUPS, group_linears
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError, is_number
 from profilers.model_parts import decoder_parts

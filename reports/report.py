@@ -83,7 +83,7 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
         verify_section = Section("Speculative decoding: verify and draft forward latency on this device")
         verify_section.paragraphs.append(
             "How a forward's latency grows with the number of tree tokens decides which trees pay on this device "
-            "(the cost model's input, measured by `profilers.verify_profiler`).")
+            "(the cost model's input, measured by `search_spaces.speculative_profiler`).")
         verify_section.images.append(figures.verify_curves(verify, fig_dir / f"{stem}-verify.png"))
         sections.append(verify_section)
     if (artefacts / "sparsity-kernels.csv").is_file():
@@ -91,7 +91,7 @@ def _policy_sections(policy_file: Path, fig_dir: Path) -> list[Section]:
         kernel_section = Section("Sparse kernels vs dense on this device (break-even)")
         kernel_section.paragraphs.append(
             "Time of one batch-1 product with only the kept input channels' weight rows, relative to the dense "
-            "GEMV, per projection group (measured by `profilers.sparse_profiler`); below 1 the kernel pays.")
+            "GEMV, per projection group (measured by `search_spaces.sparsity_profiler`); below 1 the kernel pays.")
         kernel_section.images.append(figures.kernel_break_even(kernels, fig_dir / f"{stem}-kernels.png"))
         sections.append(kernel_section)
     tuned_sparsity = (doc.get("techniques") or {}).get("sparsity")

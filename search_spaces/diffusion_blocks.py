@@ -1,4 +1,4 @@
-"""Block sizes and parallel decoding of masked-diffusion LMs (`policies.diffusion`), chosen by the tuner.
+"""Block sizes and parallel decoding of masked-diffusion LMs (`policies.diffusion_blocks`), chosen by the tuner.
 
 Parameters an Optuna trial samples (`diffusion.*`):
 - `block`: block length (4 ... 64 tokens; a block longer than the generation is one block);
@@ -16,7 +16,7 @@ Fast-dLLM's threshold decoding and cache, as the paper evaluates it).
 
 Cost hook: the workload's latency = per block, one full forward over prompt + canvas, then (forwards - 1)
 forwards that are full (no cache) or windowed (prefix: the block and all after it; dual: the block), each
-forward's latency measured on this device by `profilers.denoiser_profiler`, plus the loop's own per-forward
+forward's latency measured on this device by `search_spaces.diffusion_blocks_profiler`, plus the loop's own per-forward
 cost (calibrated from one real decode).  Forwards per block are exact for fixed schedules; for threshold
 decoding they are measured in `prepare` on the workload's prompt for each block length at a grid of
 thresholds, and interpolated.
@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 import torch
 
-from policies.diffusion import DiffusionConfig, DiffusionStats, diffusion_generate, supports_block_cache
+from policies.diffusion_blocks import DiffusionConfig, DiffusionStats, diffusion_generate, supports_block_cache
 from profilers.timing import synchronize
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
@@ -96,7 +96,7 @@ class DiffusionBlocksSpace(SearchSpace):
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> None:
         """Delimiters, cache support, the two forward-latency curves, forwards per block under thresholds,
         and the loop's own cost per forward."""
-        from profilers.denoiser_profiler import profile_denoiser
+        from search_spaces.diffusion_blocks_profiler import profile_denoiser
         from tuner.workload import timing_input_ids
 
         ctx.extras.setdefault("tokenizer", tokenizer)
@@ -203,7 +203,7 @@ class DiffusionBlocksSpace(SearchSpace):
 
     def _forwards_ms(self, ctx: SearchContext, cfg: DiffusionConfig, forwards: list[float], new: int) -> float:
         """Forward latency of a decode with `forwards[i]` forwards in block i (blocks of cfg.block_length)."""
-        from profilers.verify_profiler import VerifyCurve
+        from search_spaces.speculative_profiler import VerifyCurve
 
         profile = ctx.extras["diffusion.profile"]
         prompt = int(ctx.workload["prompt_tokens"])

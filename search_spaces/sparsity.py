@@ -8,13 +8,13 @@ Parameters an Optuna trial samples (`sparsity.*`):
   `level`, `search_spaces.sparsity_greedy`; its path is searched once per method and cached beside the
   study), or `free` (one level per layer, `l0..l{L-1}`).
 The section's thresholds are calibrated for the sampled levels on calibration text (`prepare` keeps the
-batches), sequentially as `policies.activation_sparsity.calibrate_thresholds` does, so a policy file needs no
+batches), sequentially as `policies.sparsity.calibrate_thresholds` does, so a policy file needs no
 calibration at inference time.
 
 Presets: TEAL uniform 40% and 50% (the paper's headline levels).
 
 Kernels: `prepare` profiles the sparse-row kernels against the dense GEMV for this model's group shapes on
-this device (`profilers.sparse_profiler`) and calibrates the runtime's per-group overheads from real decodes
+this device (`search_spaces.sparsity_profiler`) and calibrates the runtime's per-group overheads from real decodes
 (`search_spaces.sparsity_cost`); a section gets a `kernels` row per layer naming, for each group, the
 kernel predicted fastest at its level, overheads included (`choose_kernels`), and none when dense wins
 everywhere (the usual case for `builtin:tiny` on a CPU, see `benchmarks/RESULTS.md`). The cost hook predicts
@@ -29,7 +29,7 @@ from typing import Any
 import optuna
 import torch
 
-from policies.activation_sparsity import GROUPS, calibrate_thresholds, group_linears
+from policies.sparsity import GROUPS, calibrate_thresholds, group_linears
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
@@ -139,7 +139,7 @@ class SparsitySpace(SearchSpace):
     def _calibrate_overheads(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> Any:
         """Measure dense, all-groups-masked (50%, dense kernel) and all-groups-sparse (80%, each group's fastest
         sparse kernel) decodes of this model on this device, for the cost model's per-group overheads."""
-        from policies.activation_sparsity import SparsityRuntime
+        from policies.sparsity import SparsityRuntime
         from policies.runtime import apply_policy
         from search_spaces.sparsity_cost import KernelTable, calibrate
         from tuner.measure import measure_generation
@@ -214,7 +214,7 @@ def _save_kernel_profile(ctx: SearchContext, model: Any) -> None:
     in the context and write `sparsity-kernels.csv` beside the study (the report plots the break-even)."""
     import pandas as pd
 
-    from profilers.sparse_profiler import profile_sparse_kernels
+    from search_spaces.sparsity_profiler import profile_sparse_kernels
 
     rows = profile_sparse_kernels(model)
     ctx.extras["sparsity.kernels"] = rows

@@ -7,7 +7,7 @@ selection). So
     latency(section) = dense latency + prefill delta + (new tokens - 1) * sum over active groups of
                        [kernel_us(group, level) - dense_us(group) + overhead_us(kind)]
 
-`kernel_us` comes from the device's kernel profile (`profilers.sparse_profiler`, interpolated in sparsity).
+`kernel_us` comes from the device's kernel profile (`search_spaces.sparsity_profiler`, interpolated in sparsity).
 The per-group overheads (hook dispatch, masking, index selection: what no kernel profile sees) are calibrated
 once per study from three real decodes of the model on this device (`calibrate`): dense, every group masked
 with the dense kernel, and every group on its fastest sparse kernel at a high level. On `builtin:tiny` the
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from policies.activation_sparsity import GROUPS
+from policies.sparsity import GROUPS
 
 
 class KernelTable:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies.activation_sparsity import GROUPS, SparsifiedInputs, channel_scores, column_norms, group_linears
+from policies.sparsity import GROUPS, SparsifiedInputs, channel_scores, column_norms, group_linears
 from profilers.model_parts import decoder_parts
 
 STEP = 0.05  # a candidate raises one group's sparsity by this much (TEAL's step)

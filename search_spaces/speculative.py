@@ -11,7 +11,7 @@ Parameters an Optuna trial samples (`speculative.*`):
 
 Cost hook: a step yields `1 + E[accepted]` tokens for `draft time + verify time(tree size + 1)`.
 `prepare` measures, on this device and for this workload, the target's verify curve
-(`profilers.verify_profiler`), the draft model's and the fully-skipped target's curves (a layer-skip draft
+(`search_spaces.speculative_profiler`), the draft model's and the fully-skipped target's curves (a layer-skip draft
 costs in proportion to the layers it keeps), and the acceptance of each drafter on the target's own greedy
 continuations of the workload's prompts: the positional acceptance vector (Sequoia) of model drafters and
 of token recycling (simulated), and the exact simulated tokens per step of prompt lookup. So the chosen
@@ -34,7 +34,7 @@ import torch
 
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
-from search_spaces.tree_shapes import branching_tree, chain_tree, expected_accepted, sequoia_tree
+from search_spaces.speculative_trees import branching_tree, chain_tree, expected_accepted, sequoia_tree
 
 MAX_RANK = 8
 RECYCLE_K = 8  # >= the widest node any sampled shape has (branching <= 4, Sequoia over MAX_RANK ranks)
@@ -161,7 +161,7 @@ class SpeculativeSpace(SearchSpace):
     def hardware_seed(self, ctx: SearchContext, draft: str) -> Preset | None:
         """Sequoia's hardware-aware choice: over node budgets and depths, the dynamic-programming tree for the
         draft's measured acceptance vector whose predicted tokens/s on this device's verify curve is best."""
-        from search_spaces.tree_shapes import sequoia_curve
+        from search_spaces.speculative_trees import sequoia_curve
 
         section = {"drafter": "draft_model", "draft_model": draft}
         acc = self._acceptance(ctx, "draft_model", section)
@@ -189,7 +189,7 @@ class SpeculativeSpace(SearchSpace):
     # -- profile and cost model -----------------------------------------------------------------------------
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: torch.device) -> None:
         """Measure the verify curves and the calibration sequences the cost model needs (once per study)."""
-        from profilers.verify_profiler import profile_verify
+        from search_spaces.speculative_profiler import profile_verify
 
         prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
         kv = sorted({prompt, prompt + new})
@@ -216,7 +216,7 @@ class SpeculativeSpace(SearchSpace):
     def _measure_draft_overheads(self, ctx: SearchContext, model: Any, device: torch.device) -> None:
         """Per-forward bookkeeping of each model drafter, on the first calibration prompt."""
         from policies.drafters import LayerSkipLM
-        from profilers.verify_profiler import VerifyCurve
+        from search_spaces.speculative_profiler import VerifyCurve
 
         prompt = ctx.extras["speculative.sequences"][0][0]
         n_layers = ctx.num_layers
@@ -271,7 +271,7 @@ class SpeculativeSpace(SearchSpace):
 
     def step_model(self, section: dict[str, Any], ctx: SearchContext) -> tuple[float, float] | None:
         """(expected tokens per step, predicted ms per step) of `section`, or None without a model for it."""
-        from profilers.verify_profiler import VerifyCurve
+        from search_spaces.speculative_profiler import VerifyCurve
 
         kv = int(ctx.workload["prompt_tokens"]) + int(ctx.workload["new_tokens"]) / 2
         verify = VerifyCurve(ctx.extras["speculative.verify"])
@@ -313,7 +313,7 @@ class SpeculativeSpace(SearchSpace):
         return lookup_simulation(drafter, ctx.extras.get("speculative.sequences") or [])
 
     def _draft_curve(self, section: dict[str, Any], ctx: SearchContext) -> Any:
-        from profilers.verify_profiler import VerifyCurve
+        from search_spaces.speculative_profiler import VerifyCurve
 
         if section["drafter"] == "draft_model":
             rows = ctx.extras.get("speculative.draft")
@@ -398,7 +398,7 @@ def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload:
     from policies.drafters import PromptLookupDrafter
     from policies.speculative import speculative_generate
     from profilers.timing import synchronize
-    from profilers.verify_profiler import VerifyCurve
+    from search_spaces.speculative_profiler import VerifyCurve
     from tuner.workload import timing_input_ids
 
     ids = timing_input_ids(tokenizer, int(workload["prompt_tokens"]), device)

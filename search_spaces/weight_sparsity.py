@@ -27,7 +27,7 @@ from typing import Any
 
 import optuna
 
-from policies.activation_sparsity import GROUPS
+from policies.sparsity import GROUPS
 from policies.weight_sparsity import METHODS, encode_norms, input_norms
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from policies import apply_policy, model_fingerprint
-from policies.diffusion import DiffusionConfig, DiffusionStats, denoiser_for, diffusion_generate
+from policies.diffusion_blocks import DiffusionConfig, DiffusionStats, denoiser_for, diffusion_generate
 from policies.model_kind import model_kind
 from policies.schema import PolicyError
 from tuner.cli import main

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from policies.diffusion import DiffusionConfig, validate_section
+from policies.diffusion_blocks import DiffusionConfig, validate_section
 from search_spaces import SearchContext, get_search_space
 from search_spaces.diffusion_blocks import THRESHOLD_GRID, section
 

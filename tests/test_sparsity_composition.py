@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from policies import apply_policy, model_fingerprint
-from policies.activation_sparsity import GROUPS, calibrate_thresholds
+from policies.sparsity import GROUPS, calibrate_thresholds
 from policies.testing import make_policy_dict
 from tuner.models import load_model
 from tuner.tasks import code_samples, get_task

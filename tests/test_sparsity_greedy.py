@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies.activation_sparsity import GROUPS, group_linears
+from policies.sparsity import GROUPS, group_linears
 from policies.testing import tiny_llama
 from search_spaces.sparsity_greedy import STEP, block_level, greedy_paths, levels_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.activation_sparsity import validate_section
+from policies.sparsity import validate_section
 from search_spaces.sparsity import owl_levels
 from tuner.quality import QualityConfig
 from tuner.tune import TuneConfig, tune

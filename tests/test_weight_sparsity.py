@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from policies.activation_sparsity import GROUPS, calibrate_thresholds
+from policies.sparsity import GROUPS, calibrate_thresholds
 from policies.schema import PolicyError
 from policies.weight_sparsity import (
     encode_norms,

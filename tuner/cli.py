@@ -201,16 +201,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(torch_device(device))
     with apply_policy(loaded.model, policy) as tuned:
         out = tuned.generate(input_ids, max_new_tokens=args.max_new_tokens)
-        stats = getattr(tuned.decode_owner, "last_stats", None)  # speculative decoding reports its steps
+        stats = tuned.last_stats  # what a decode-loop owner (speculative, diffusion) did, or None
     text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     if args.json:
         doc = {"prompt": args.prompt, "completion": text, "policy": source if policy else None}
-        if hasattr(stats, "forwards_per_token"):  # masked-diffusion decoding
-            doc["diffusion"] = {"forwards": stats.forwards, "tokens": stats.tokens,
-                                "forwards_per_token": round(stats.forwards_per_token, 4),
-                                "blocks": [list(b) for b in stats.blocks]}
-        elif stats is not None:
-            doc["speculative"] = {"steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
+        if stats is not None:
+            doc[stats.report_key] = stats.to_dict()
         _print_json(doc)
     else:
         print(text)

@@ -118,6 +118,6 @@ def prefill_kv_cache_mb(forward: Callable[..., object], input_ids: torch.Tensor)
 def forwards_per_token(handle: Any) -> float | None:
     """Model forwards per generated token of the handle's last generate call, when its decode loop counts them
     (masked-diffusion decoding); None otherwise."""
-    stats = getattr(handle.decode_owner, "last_stats", None)
-    value = getattr(stats, "forwards_per_token", None)
+    stats = handle.last_stats
+    value = None if stats is None else stats.to_dict().get("forwards_per_token")
     return None if value is None else round(float(value), 4)

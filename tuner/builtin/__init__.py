@@ -137,7 +137,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description=(
             "masked-diffusion LM (EuroBertForMaskedLM: builtin:tiny's Llama layout with bidirectional attention, "
             "~4.9M params, vocab 2049 with <mask>), adapted from builtin:tiny with LLaDA's masked-diffusion loss "
-            "and Dream's shifted logits; decoded by policies.diffusion"
+            "and Dream's shifted logits; decoded by policies.diffusion_blocks"
         ),
         kind="masked-diffusion",
         train_recipe="tiny-mdm",

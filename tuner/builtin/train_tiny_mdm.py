@@ -12,7 +12,7 @@ Why this recipe:
   needle, continuing patterns, code).
 - **Shifted logits** (Dream's convention): the logits at position i predict the token at i + 1, exactly
   what the autoregressive initialisation already does; the config records it (`logits_shift: true`) and
-  the decoding loop (`policies.diffusion`) reads it.
+  the decoding loop (`policies.diffusion_blocks`) reads it.
 - **Masked-diffusion loss** (LLaDA): per row a masking ratio t ~ U(0.05, 1); every token of the row's
   *response* region is replaced by `<mask>` with probability t and the loss is the cross-entropy of the
   masked tokens.  Responses are what the decoding loop generates: the needle's answer, a pattern line's

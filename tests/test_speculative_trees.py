@@ -13,7 +13,7 @@ import time
 import pytest
 
 from policies.tree_attention import node_depths, validate_parents
-from search_spaces.tree_shapes import (
+from search_spaces.speculative_trees import (
     branching_tree,
     chain_tree,
     expected_accepted,

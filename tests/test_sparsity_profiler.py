@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from policies.sparse_kernels import KERNELS
 from policies.testing import tiny_llama
-from profilers.sparse_profiler import break_even, profile_sparse_kernels
+from search_spaces.sparsity_profiler import break_even, profile_sparse_kernels
 
 
 def test_profile_covers_every_layer_group_sparsity_and_kernel():

@@ -1,4 +1,4 @@
-"""The masked-diffusion decode loop (`policies.diffusion`): exactness, block discipline, progress, termination,
+"""The masked-diffusion decode loop (`policies.diffusion_blocks`): exactness, block discipline, progress, termination,
 determinism, the block KV cache, validation and the model-kind guard."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from policies.diffusion import (
+from policies.diffusion_blocks import (
     BlockKV,
     DiffusionConfig,
     DiffusionStats,
@@ -125,7 +125,7 @@ def test_adaptive_blocks_move_the_end_only_to_a_confident_delimiter():
 
 
 def test_adaptive_block_may_end_past_the_default_block_within_the_window():
-    from policies.diffusion import _adaptive_length
+    from policies.diffusion_blocks import _adaptive_length
 
     tokens = torch.tensor([5, 5, 5, 5, 5, NEWLINE, 5, 5, 5, NEWLINE])
     probs = torch.full((10, VOCAB), 0.001)
@@ -243,7 +243,7 @@ def test_good_section_validates():
 
 
 def test_padded_batches_are_refused(model):
-    from policies.diffusion import generate_with
+    from policies.diffusion_blocks import generate_with
 
     with pytest.raises(ValueError, match="padded"):
         generate_with(model, prompt(), baseline_config(), None, max_new_tokens=4,
@@ -259,7 +259,7 @@ def test_shorter_blocks_keep_the_tokens_per_forward():
 
 
 def test_denoiser_profile_measures_full_and_windowed_forwards(model):
-    from profilers.denoiser_profiler import profile_denoiser
+    from search_spaces.diffusion_blocks_profiler import profile_denoiser
 
     rows = profile_denoiser(model, torch.device("cpu"), seq_lens=(24, 12), kv_tokens=16, windows=(2, 8),
                             warmup=1, repeats=2)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from policies.model_kind import DIFFUSION_MODEL_TYPES, MASKED_DIFFUSION
-from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
+from policies.registry import DecodeStats, TechniqueHandle, TechniqueRuntime, register_runtime
 from policies.schema import PolicyError, is_number
 from profilers.hf_compat import cache_arg
 
@@ -267,8 +267,10 @@ def supports_block_cache(model: Any) -> bool:
 
 
 @dataclass
-class DiffusionStats:
+class DiffusionStats(DecodeStats):
     """What one generate call did: forwards run, tokens committed per forward, the blocks decoded."""
+
+    report_key = "diffusion"
 
     forwards: int = 0
     committed: list[int] = field(default_factory=list)
@@ -282,6 +284,10 @@ class DiffusionStats:
     @property
     def forwards_per_token(self) -> float:
         return self.forwards / max(self.tokens, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"forwards": self.forwards, "tokens": self.tokens,
+                "forwards_per_token": round(self.forwards_per_token, 4), "blocks": [list(b) for b in self.blocks]}
 
 
 class _Denoise:

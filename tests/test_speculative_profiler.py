@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from policies.testing import tiny_llama
-from profilers import verify_profiler
-from profilers.verify_profiler import VerifyCurve, profile_verify
+from search_spaces import speculative_profiler as verify_profiler
+from search_spaces.speculative_profiler import VerifyCurve, profile_verify
 
 # Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
 pytestmark = pytest.mark.hf_internals

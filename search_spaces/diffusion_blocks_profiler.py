@@ -1,6 +1,6 @@
 """Latency of one denoiser forward on this device: the full sequence, and a window over a block KV cache.
 
-A masked-diffusion decode is a sequence of forwards (`policies.diffusion`): the first forward of each block
+A masked-diffusion decode is a sequence of forwards (`policies.diffusion_blocks`): the first forward of each block
 runs over the whole sequence (prompt + canvas), the others over the whole sequence too (no cache) or over a
 window of it against the kept keys/values of the rest (`prefix` / `dual` cache).  So the cost of a decoding
 policy is the latency of those two forward shapes times how many of each it runs, and both shapes are
@@ -33,7 +33,7 @@ def profile_denoiser(model: Any, device: torch.device, seq_lens: Sequence[int], 
     per sequence length, and of a windowed forward of ``n_query`` tokens over ``kv_tokens`` kept keys/values
     (only when ``cache`` -- the model supports the block cache).  Random token ids: a forward's cost does not
     depend on the tokens."""
-    from policies.diffusion import BlockKV
+    from policies.diffusion_blocks import BlockKV
 
     vocab = int(model.get_input_embeddings().weight.shape[0])
     gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies.activation_sparsity import GROUPS, SparsifiedInputs, calibrate_thresholds
+from policies.sparsity import GROUPS, SparsifiedInputs, calibrate_thresholds
 from profilers.hf_compat import cache_arg
 from tuner.models import load_model
 from tuner.tasks import code_samples
@@ -87,7 +87,7 @@ def _policy(model, section):
 ])
 def test_invalid_sections_are_refused_with_the_field_named(section, field):
     from policies import PolicyError, policy_from_dict
-    from policies.activation_sparsity import validate_section
+    from policies.sparsity import validate_section
     from policies.testing import make_policy_dict
 
     assert any(p.startswith(field) for p in validate_section(section)), validate_section(section)
@@ -151,7 +151,7 @@ def test_sparse_row_kernels_equal_masking_at_decode_and_remove_restores(tiny, mo
 
 
 def test_kernels_field_is_validated():
-    from policies.activation_sparsity import validate_section
+    from policies.sparsity import validate_section
 
     section = {"levels": [[0.5] * 4], "thresholds": [[0.1] * 4], "kernels": [["dense", "triton", "dense", "dense"]]}
     assert any(p.startswith("techniques.sparsity.kernels[0]") for p in validate_section(section))
