@@ -47,15 +47,15 @@ The section (``techniques.diffusion_blocks``)::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from policies.config import Choice, Int, ListOf, Nullable, Number, TechniqueConfig, option
 from policies.model_kind import DIFFUSION_MODEL_TYPES, MASKED_DIFFUSION
 from policies.registry import DecodeStats, TechniqueHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError, is_number
+from policies.schema import PolicyError
 from profilers.hf_compat import cache_arg
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "transfer_schedule",
 ]
 
+NAME = "diffusion_blocks"
 REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 #: The baseline block length (LLaDA's demo setting): the ``dense`` row of a diffusion model.
@@ -107,28 +108,41 @@ def denoiser_for(model: Any) -> Denoiser:
 # ---------------------------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """A validated ``diffusion_blocks`` section (see the module docstring for the fields)."""
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig(TechniqueConfig):
+    """``techniques.diffusion_blocks`` (see the module docstring for what each field does)."""
 
-    block_length: int = BASELINE_BLOCK
-    steps_per_block: int | None = BASELINE_BLOCK
-    threshold: float | None = None
-    remasking: str = "low_confidence"
-    delimiter_threshold: float | None = None
-    delimiter_ids: tuple[int, ...] = ()
-    max_block_length: int | None = None
-    cache: str = "none"
-    seed: int = 0
+    technique: ClassVar[str] = NAME
+    description: ClassVar[str] = ("Masked-diffusion decoding in blocks: steps or a confidence threshold per block "
+                                  "(Fast-dLLM), remasking rule, adaptive block ends (AdaBlock), block KV cache.")
 
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> DiffusionConfig:
-        problems = validate_section(section, "techniques.diffusion_blocks")
-        if problems:
-            raise PolicyError(problems)
-        fields = dict(section)
-        fields["delimiter_ids"] = tuple(int(i) for i in fields.get("delimiter_ids") or ())
-        return cls(**fields)
+    block_length: int = option(BASELINE_BLOCK, Int(min=1), "tokens decoded per block")
+    steps_per_block: int | None = option(BASELINE_BLOCK, Nullable(Int(min=1)), "denoising steps of a full block "
+                                         "(null: as many as the threshold needs)")
+    threshold: float | None = option(None, Nullable(Number(gt=0, le=1)), "commit every token at least this "
+                                     "confident in one step (Fast-dLLM parallel decoding)")
+    remasking: str = option("low_confidence", Choice(REMASKING_RULES), "which tokens a step commits first")
+    delimiter_threshold: float | None = option(None, Nullable(Number(gt=0, le=1)), "AdaBlock: end a block at a "
+                                               "delimiter predicted at least this confidently")
+    delimiter_ids: tuple[int, ...] = option((), ListOf(Int(min=0), what="a list of token ids"),
+                                            "AdaBlock: the delimiter tokens (newlines)")
+    max_block_length: int | None = option(None, Nullable(Int(min=1)), "AdaBlock: longest adaptive block "
+                                          "(null: twice block_length)")
+    cache: str = option("none", Choice(CACHE_MODES), "block KV cache: none, prefix or dual (Fast-dLLM)")
+    seed: int = option(0, Int(min=0), "seed of the random remasking rule")
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.steps_per_block is None and self.threshold is None:
+            problems.append(f"{path}.steps_per_block: null needs a threshold (else nothing says how many tokens a "
+                            "step commits)")
+        if self.delimiter_threshold is not None and not self.delimiter_ids:
+            problems.append(f"{path}.delimiter_ids: adaptive blocks (delimiter_threshold) need at least one "
+                            "delimiter")
+        if self.max_block_length is not None and self.max_block_length < self.block_length:
+            problems.append(f"{path}.max_block_length: must be an integer >= block_length or null, "
+                            f"got {self.max_block_length!r}")
+        return problems
 
     def steps_for(self, length: int) -> int:
         """Steps for a block of ``length`` tokens: ``steps_per_block`` for a full block, proportionally fewer
@@ -145,53 +159,6 @@ class DiffusionConfig:
 def baseline_config() -> DiffusionConfig:
     """One token per forward, blocks of 32, low-confidence remasking, no cache: LLaDA's decoding, the baseline."""
     return DiffusionConfig()
-
-
-_FIELDS = {"block_length", "steps_per_block", "threshold", "remasking", "delimiter_threshold", "delimiter_ids",
-           "max_block_length", "cache", "seed"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_section(section: Any, path: str) -> list[str]:
-    """Every problem of a ``diffusion_blocks`` section, each naming its field."""
-    if not isinstance(section, Mapping):
-        return [f"{path}: must be a mapping, got {type(section).__name__}"]
-    problems = [f"{path}.{k}: unknown field (known: {', '.join(sorted(_FIELDS))})" for k in section if k not in _FIELDS]
-    block = section.get("block_length", BASELINE_BLOCK)
-    if not _is_int(block) or block < 1:
-        problems.append(f"{path}.block_length: must be an integer >= 1, got {block!r}")
-    steps = section.get("steps_per_block", BASELINE_BLOCK)
-    threshold = section.get("threshold")
-    if steps is None and threshold is None:
-        problems.append(f"{path}.steps_per_block: null needs a threshold (else nothing says how many tokens a "
-                        "step commits)")
-    elif steps is not None and (not _is_int(steps) or steps < 1):
-        problems.append(f"{path}.steps_per_block: must be an integer >= 1 or null, got {steps!r}")
-    for name in ("threshold", "delimiter_threshold"):
-        value = section.get(name)
-        if value is not None and (not is_number(value) or not 0.0 < value <= 1.0):
-            problems.append(f"{path}.{name}: must be a number in (0, 1] or null, got {value!r}")
-    rule = section.get("remasking", "low_confidence")
-    if rule not in REMASKING_RULES:
-        problems.append(f"{path}.remasking: must be one of {', '.join(REMASKING_RULES)}, got {rule!r}")
-    cache = section.get("cache", "none")
-    if cache not in CACHE_MODES:
-        problems.append(f"{path}.cache: must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    ids = section.get("delimiter_ids", [])
-    if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
-        problems.append(f"{path}.delimiter_ids: must be a list of token ids, got {ids!r}")
-    elif section.get("delimiter_threshold") is not None and not ids:
-        problems.append(f"{path}.delimiter_ids: adaptive blocks (delimiter_threshold) need at least one delimiter")
-    window = section.get("max_block_length")
-    if window is not None and (not _is_int(window) or (_is_int(block) and window < block)):
-        problems.append(f"{path}.max_block_length: must be an integer >= block_length or null, got {window!r}")
-    seed = section.get("seed", 0)
-    if not _is_int(seed) or seed < 0:
-        problems.append(f"{path}.seed: must be an integer >= 0, got {seed!r}")
-    return problems
 
 
 def transfer_schedule(n_masked: int, steps: int) -> list[int]:
@@ -460,39 +427,19 @@ def generate_with(model: Any, input_ids: Any, cfg: DiffusionConfig, spec: Denois
 class DiffusionBlocksRuntime(TechniqueRuntime):
     """Runtime of ``techniques.diffusion_blocks``: applies to masked-diffusion models only."""
 
-    name = "diffusion_blocks"
+    name = NAME
+    config_class = DiffusionConfig
     order = 210
     owns_generate = True
     model_kinds = (MASKED_DIFFUSION,)
 
-    def validate(self, section: dict[str, Any], path: str) -> list[str]:
-        return validate_section(section, path)
-
-    def apply(self, model: Any, section: dict[str, Any]) -> DiffusionHandle:
-        cfg = DiffusionConfig.from_section(section)
+    def apply(self, model: Any, config: DiffusionConfig | dict[str, Any]) -> DiffusionHandle:
+        cfg = self.config_of(config)
         spec = denoiser_for(model)
         if cfg.cache != "none" and not supports_block_cache(model):
             raise PolicyError(f"techniques.diffusion_blocks.cache: {type(model).__name__} does not route "
                               "its cache/position_ids to its attention layers; use cache: none")
         return DiffusionHandle(cfg, spec)
-
-    def json_schema(self) -> dict[str, Any]:
-        number_or_null = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1}
-        return {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "block_length": {"type": "integer", "minimum": 1},
-                "steps_per_block": {"type": ["integer", "null"], "minimum": 1},
-                "threshold": number_or_null,
-                "remasking": {"enum": list(REMASKING_RULES)},
-                "delimiter_threshold": number_or_null,
-                "delimiter_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "max_block_length": {"type": ["integer", "null"], "minimum": 1},
-                "cache": {"enum": list(CACHE_MODES)},
-                "seed": {"type": "integer", "minimum": 0},
-            },
-        }
 
 
 register_runtime(DiffusionBlocksRuntime())

@@ -1,14 +1,19 @@
-"""Technique runtimes, registered by name: the inference-time face of each technique plug-in.
+"""The technique table, one registry helper, and the runtime face of each technique plug-in.
 
-A policy file names techniques (``techniques: {token_retention: {...}, speculative: {...}}``); this
-registry maps each name to the object that can *validate* such a section (so a bad file is refused when it
-is loaded, not half-way through generation) and *apply* it to a model, returning a handle whose
-``remove()`` restores the model bit-identically (one loaded model serves a whole tuning study).
+A policy file names techniques (``techniques: {token_retention: {...}, speculative: {...}}``). Each technique is
+one plug-in with two modules named after its key, listed once in ``TECHNIQUES``:
 
-Built-in runtimes live in their own modules and register themselves on import; they are imported lazily
-on the first lookup, so that a technique module may import this one without an import cycle and
-``import policies`` stays cheap. Adding a technique = its own module + one line in
-``_BUILTIN_RUNTIME_MODULES``.
+- ``policies/<key>.py``: its config class (the only copy of the section's schema, ``policies.config``) and its
+  runtime, which *validates* a section (so a bad file is refused when it is loaded, not half-way through
+  generation) and *applies* a config to a model, returning a handle whose ``remove()`` restores the model
+  bit-identically (one loaded model serves a whole tuning study);
+- ``search_spaces/<key>.py``: its search space (read by ``search_spaces``, never imported from here).
+
+Both registries are ``Registry`` objects: a module registers its object on import; the first lookup of a name in
+the table imports that module, so ``import policies`` stays cheap and the tuning stack is never imported by the
+runtime. Adding a technique = its two modules + one line in ``TECHNIQUES``. Registering a second object under a
+taken name is an error unless ``replace=True``; looking up a name nobody registered raises
+``UnknownTechniqueError`` naming the known ones.
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from policies.config import TechniqueConfig
 
 __all__ = [
+    "BUILTIN_TECHNIQUES",
     "DEFAULT_ORDER",
+    "Registry",
+    "TECHNIQUES",
+    "Technique",
+    "UnknownTechniqueError",
     "DecodeStats",
     "FunctionHandle",
     "TechniqueHandle",
@@ -31,10 +45,95 @@ __all__ = [
     "unregister_runtime",
 ]
 
-#: Modules that define (and register) the built-in technique runtimes. One line per technique.
-_BUILTIN_RUNTIME_MODULES: tuple[str, ...] = ("policies.token_retention", "policies.speculative",
-                                                "policies.sparsity",
-                                                "policies.weight_sparsity", "policies.diffusion_blocks")
+@dataclass(frozen=True)
+class Technique:
+    """One line of the technique table: its key and the modules of its two faces."""
+
+    key: str
+    runtime_module: str
+    search_space_module: str
+
+    @classmethod
+    def builtin(cls, key: str) -> Technique:
+        """A technique shipped with autotune: ``policies/<key>.py`` and ``search_spaces/<key>.py``."""
+        return cls(key, f"policies.{key}", f"search_spaces.{key}")
+
+
+#: The techniques autotune ships, one line each (tests add a toy technique the same way).
+TECHNIQUES: list[Technique] = [
+    Technique.builtin("token_retention"),
+    Technique.builtin("speculative"),
+    Technique.builtin("sparsity"),
+    Technique.builtin("weight_sparsity"),
+    Technique.builtin("diffusion_blocks"),
+]
+BUILTIN_TECHNIQUES: tuple[str, ...] = tuple(t.key for t in TECHNIQUES)
+
+
+class UnknownTechniqueError(KeyError, ValueError):
+    """A technique name nobody registered (a ``KeyError`` for lookups, a ``ValueError`` for bad input)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Objects registered by ``.name``, the table's modules imported on first lookup.
+
+    ``module_of`` says which module of a table line defines this registry's object (the runtime's or the
+    search space's); ``what`` names the objects in messages."""
+
+    def __init__(self, what: str, module_of: Callable[[Technique], str]) -> None:
+        self._what = what
+        self._module_of = module_of
+        self._items: dict[str, T] = {}
+        self._imported: set[str] = set()
+
+    def _import(self, technique: Technique) -> None:
+        module = self._module_of(technique)
+        if module not in self._imported:
+            self._imported.add(module)  # first: a module that looks names up while importing must not recurse
+            importlib.import_module(module)
+
+    def _import_all(self) -> None:
+        for technique in list(TECHNIQUES):
+            self._import(technique)
+
+    def register(self, item: T, *, replace: bool = False) -> T:
+        """Register ``item`` under ``item.name``; a taken name is an error unless ``replace=True``: silently
+        shadowing a technique would make the same policy file mean two different things."""
+        name = getattr(item, "name", None)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"a {self._what} name must be an identifier string, got {name!r}")
+        if name in self._items and self._items[name] is not item and not replace:
+            raise ValueError(f"a {self._what} named {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def unregister(self, name: str) -> None:
+        """Remove an object (tests and interactive experiments); unknown names are ignored."""
+        self._items.pop(name, None)
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; ``UnknownTechniqueError`` naming the known ones otherwise."""
+        if name not in self._items:
+            for technique in list(TECHNIQUES):
+                if technique.key == name:
+                    self._import(technique)
+        if name not in self._items:
+            self._import_all()
+            known = ", ".join(sorted(self._items)) or "none registered"
+            raise UnknownTechniqueError(f"unknown technique {name!r} (known: {known})")
+        return self._items[name]
+
+    def all(self) -> dict[str, T]:
+        """Every registered object (the table's modules imported), sorted by name."""
+        self._import_all()
+        return {name: self._items[name] for name in sorted(self._items)}
+
 
 #: Application order of a runtime that does not say otherwise. Convention (lower runs first):
 #: 0-99 weight/structure edits (e.g. sparse linears), 100-199 forward hooks (e.g. token retention),
@@ -110,81 +209,59 @@ class TechniqueRuntime(ABC):
     #: for another kind is refused by ``apply_policy`` before anything is touched.
     model_kinds: tuple[str, ...] = ("causal-lm",)
 
-    @abstractmethod
+    #: The technique's config class: the only copy of its section's schema (``policies.config``).
+    config_class: type[TechniqueConfig]
+
     def validate(self, section: dict[str, Any], path: str) -> list[str]:
         """All problems of ``section``, each prefixed with its field path (``path`` is e.g.
         ``"techniques.token_retention"``, so a problem reads ``techniques.token_retention.keep[3]: ...``)."""
+        return self.config_class.section_problems(section, path)
+
+    def config_of(self, config: Any) -> Any:
+        """``config`` itself, or the validated config of a section mapping (``PolicyError`` when invalid)."""
+        if isinstance(config, self.config_class):
+            return config
+        return self.config_class.from_section(config, f"techniques.{self.name}")
 
     @abstractmethod
-    def apply(self, model: Any, section: dict[str, Any]) -> TechniqueHandle:
-        """Modify ``model`` in place per ``section`` (already validated) and return the undo handle."""
+    def apply(self, model: Any, config: Any) -> TechniqueHandle:
+        """Modify ``model`` in place per ``config`` (its config class, or a section: see ``config_of``) and return
+        the undo handle. On failure nothing stays modified."""
 
-    def json_schema(self) -> dict[str, Any] | None:
-        """Optional JSON Schema of the section, merged into ``policy.schema.json`` for editors."""
-        return None
-
-
-_RUNTIMES: dict[str, TechniqueRuntime] = {}
-_builtins_loaded = False
+    def json_schema(self) -> dict[str, Any]:
+        """JSON Schema of the section (from the config class), merged into ``policy.schema.json``."""
+        return self.config_class.json_schema()
 
 
-def _load_builtins() -> None:
-    """Import the built-in runtime modules once (they call ``register_runtime`` at import)."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True  # set first: a module importing the registry must not recurse
-    for module in _BUILTIN_RUNTIME_MODULES:
-        importlib.import_module(module)
+_RUNTIMES: Registry[TechniqueRuntime] = Registry("technique runtime", lambda t: t.runtime_module)
 
 
 def register_runtime(runtime: TechniqueRuntime, *, replace: bool = False) -> TechniqueRuntime:
-    """Register ``runtime`` under ``runtime.name``; returns it (usable as a decorator on instances).
-
-    Registering a second runtime under a taken name is an error unless ``replace=True``: silently
-    shadowing a technique would make the same policy file mean two different things.
-    """
-    _load_builtins()
-    name = getattr(runtime, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"technique runtime name must be an identifier string, got {name!r}")
+    """Register ``runtime`` under ``runtime.name`` (see ``Registry.register``); returns it."""
     for attr in ("validate", "apply"):
         if not callable(getattr(runtime, attr, None)):
-            raise TypeError(f"technique runtime {name!r} has no callable {attr}()")
-    if name in _RUNTIMES and _RUNTIMES[name] is not runtime and not replace:
-        raise ValueError(f"a technique runtime named {name!r} is already registered")
-    _RUNTIMES[name] = runtime
-    return runtime
+            raise TypeError(f"technique runtime {getattr(runtime, 'name', None)!r} has no callable {attr}()")
+    return _RUNTIMES.register(runtime, replace=replace)
 
 
 def unregister_runtime(name: str) -> None:
     """Remove a runtime (tests and interactive experiments); unknown names are ignored."""
-    _RUNTIMES.pop(name, None)
+    _RUNTIMES.unregister(name)
 
 
 def get_runtime(name: str) -> TechniqueRuntime:
-    """The runtime registered as ``name``; ``KeyError`` naming the known ones otherwise."""
-    _load_builtins()
-    try:
-        return _RUNTIMES[name]
-    except KeyError:
-        raise KeyError(f"unknown technique {name!r} (known: {_known_names()})") from None
+    """The runtime registered as ``name``; ``UnknownTechniqueError`` naming the known ones otherwise."""
+    return _RUNTIMES.get(name)
 
 
 def registered_runtimes() -> dict[str, TechniqueRuntime]:
-    """A copy of the registry, sorted by name."""
-    _load_builtins()
-    return {name: _RUNTIMES[name] for name in sorted(_RUNTIMES)}
+    """Every registered runtime, sorted by name."""
+    return _RUNTIMES.all()
 
 
 def builtin_runtime_names() -> list[str]:
     """Names of the runtimes shipped with autotune (the ones ``policy.schema.json`` describes)."""
-    _load_builtins()
-    return sorted(n for n, rt in _RUNTIMES.items() if type(rt).__module__ in _BUILTIN_RUNTIME_MODULES)
-
-
-def _known_names() -> str:
-    return ", ".join(sorted(_RUNTIMES)) or "none registered"
+    return sorted(BUILTIN_TECHNIQUES)
 
 
 def runtime_order(runtime: TechniqueRuntime) -> tuple[int, str]:

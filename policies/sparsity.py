@@ -19,13 +19,16 @@ are computed at inference time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from policies.config import Choice, Nullable, Number, Rows, TechniqueConfig, option, required
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError, is_number
+from policies.schema import PolicyError
+from policies.sparse_kernels import KERNELS
 from profilers.model_parts import decoder_parts
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -222,8 +225,6 @@ class SparseRowExecution:
     channels are exactly the nonzero ones. `remove()` restores every linear's own forward."""
 
     def __init__(self, model: nn.Module, kernels: Sequence[dict[str, str]]) -> None:
-        from policies.sparse_kernels import KERNELS
-
         layers = group_linears(model)
         if len(kernels) != len(layers):
             raise ValueError(f"kernels: got {len(kernels)} layers, the model has {len(layers)}")
@@ -284,51 +285,40 @@ class SparseRowExecution:
 # -- policy section and runtime ----------------------------------------------------------------------------------
 NAME = "sparsity"
 SECTION_PATH = f"techniques.{NAME}"
-_FIELDS = ("method", "levels", "thresholds", "kernels")
 
 
-def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
-    """Problems of a `sparsity` section, each with its field path. Shape:
+@dataclass(frozen=True, kw_only=True)
+class SparsityConfig(TechniqueConfig):
+    """`techniques.sparsity`: per layer and projection group, a target sparsity and its calibrated threshold
+    (the layer count is checked against the model at apply time)::
 
         method: teal | wina
         levels:     [[qkv, o, gate_up, down], ...]   # per layer: target fraction of zeroed channels, [0, 1)
         thresholds: [[qkv, o, gate_up, down], ...]   # per layer: the calibrated score thresholds (>= 0)
-        kernels:    [[qkv, o, gate_up, down], ...]   # optional: dense | gather_mv | embedding_bag_mv per group
+        kernels:    [[qkv, o, gate_up, down], ...]   # optional: dense | gather_mv | embedding_bag_mv | csr_mv
+    """
 
-    The layer count is checked against the model at apply time."""
-    if not isinstance(section, dict):
-        return [f"{path}: must be a mapping, got {type(section).__name__}"]
-    problems = [f"{path}.{k}: unknown field (known: {', '.join(_FIELDS)})" for k in section if k not in _FIELDS]
-    if section.get("method", "teal") not in METHODS:
-        problems.append(f"{path}.method: must be one of {', '.join(METHODS)}, got {section.get('method')!r}")
-    shapes = {}
-    for key, low, high in (("levels", 0.0, 1.0), ("thresholds", 0.0, float("inf"))):
-        rows = section.get(key)
-        if not isinstance(rows, list) or not rows:
-            problems.append(f"{path}.{key}: required, a list with one [{', '.join(GROUPS)}] row per layer")
-            continue
-        shapes[key] = len(rows)
-        for i, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != len(GROUPS):
-                problems.append(f"{path}.{key}[{i}]: must be a list of {len(GROUPS)} numbers ({', '.join(GROUPS)})")
-                continue
-            for group, value in zip(GROUPS, row, strict=True):
-                if not is_number(value) or not low <= value < high:
-                    bound = "in [0, 1)" if key == "levels" else ">= 0"
-                    problems.append(f"{path}.{key}[{i}].{group}: must be a number {bound}, got {value!r}")
-    kernels = section.get("kernels")
-    if kernels is not None:
-        from policies.sparse_kernels import KERNELS
+    technique: ClassVar[str] = NAME
+    description: ClassVar[str] = ("Training-free activation sparsity (TEAL / WINA): zero each projection group's "
+                                  "low-score input channels, optionally skipping their weight rows.")
 
-        if not isinstance(kernels, list) or (shapes.get("levels") and len(kernels) != shapes["levels"]):
-            problems.append(f"{path}.kernels: must be a list with one [{', '.join(GROUPS)}] row per layer, like levels")
-        else:
-            for i, row in enumerate(kernels):
-                if not isinstance(row, list) or len(row) != len(GROUPS) or any(k not in KERNELS for k in row):
-                    problems.append(f"{path}.kernels[{i}]: must be {len(GROUPS)} of {', '.join(KERNELS)}, got {row!r}")
-    if len(shapes) == 2 and shapes["levels"] != shapes["thresholds"]:
-        problems.append(f"{path}.thresholds: {shapes['thresholds']} layers, but levels has {shapes['levels']}")
-    return problems
+    method: str = option("teal", Choice(METHODS), "channel score: |x| (teal) or |x| x weight column norm (wina)")
+    levels: tuple[tuple[float, ...], ...] = required(Rows(tuple(GROUPS), Number(ge=0, lt=1)),
+                                                     "per layer: target fraction of zeroed input channels")
+    thresholds: tuple[tuple[float, ...], ...] = required(Rows(tuple(GROUPS), Number(ge=0)),
+                                                         "per layer: the calibrated score thresholds")
+    kernels: tuple[tuple[str, ...], ...] | None = option(
+        None, Nullable(Rows(tuple(GROUPS), Choice(KERNELS))), "per layer: the kernel that runs each group on one "
+        "row (dense keeps the masked dense matmul)")
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if len(self.thresholds) != len(self.levels):
+            problems.append(f"{path}.thresholds: {len(self.thresholds)} layers, but levels has {len(self.levels)}")
+        if self.kernels is not None and len(self.kernels) != len(self.levels):
+            problems.append(f"{path}.kernels: must be a list with one [{', '.join(GROUPS)}] row per layer, like "
+                            "levels")
+        return problems
 
 
 class SparsityRuntime(TechniqueRuntime):
@@ -336,22 +326,18 @@ class SparsityRuntime(TechniqueRuntime):
     kernel in `kernels` also skip the zeroed channels' weight rows on single-row inputs."""
 
     name = NAME
+    config_class = SparsityConfig
     order = 110  # forward hooks on the projections
 
-    def validate(self, section: dict, path: str) -> list[str]:
-        return validate_section(section, path)
-
-    def apply(self, model: nn.Module, section: dict) -> FunctionHandle:
-        problems = validate_section(section)
-        if problems:
-            raise PolicyError(problems)
+    def apply(self, model: nn.Module, config: SparsityConfig | dict[str, Any]) -> FunctionHandle:
+        config = self.config_of(config)
         n_layers = len(decoder_parts(model).layers)
-        if len(section["thresholds"]) != n_layers:
-            raise PolicyError(f"{SECTION_PATH}.thresholds: has {len(section['thresholds'])} layers, the model "
+        if len(config.thresholds) != n_layers:
+            raise PolicyError(f"{SECTION_PATH}.thresholds: has {len(config.thresholds)} layers, the model "
                               f"has {n_layers}")
-        thresholds = [dict(zip(GROUPS, row, strict=True)) for row in section["thresholds"]]
-        hooks = SparsifiedInputs(model, thresholds, method=section.get("method", "teal"))
-        kernels = section.get("kernels")
+        thresholds = [dict(zip(GROUPS, row, strict=True)) for row in config.thresholds]
+        hooks = SparsifiedInputs(model, thresholds, method=config.method)
+        kernels = config.kernels
         if not kernels:
             return FunctionHandle(hooks.remove)
         execution = SparseRowExecution(model, [dict(zip(GROUPS, row, strict=True)) for row in kernels])

@@ -8,7 +8,7 @@ residual sample of `policies.spec_sampling`); every layer's KV cache is compacte
 Greedy output is token for token the target's greedy output, sampled output has exactly the target's
 distribution, whatever the drafter proposes.
 
-Policy section (`techniques.speculative`, validated by `validate_section`):
+Policy section (`techniques.speculative`, described by `SpeculativeConfig`):
 
     drafter: draft_model | layer_skip | prompt_lookup | recycle
     draft_model: builtin:tiny-draft        # drafter draft_model: a causal LM sharing the target's tokenizer
@@ -29,11 +29,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from policies.checkpoints import load_causal_lm
+from policies.config import (
+    Choice,
+    Int,
+    ListOf,
+    Mapping,
+    Nullable,
+    Section,
+    Tagged,
+    TechniqueConfig,
+    Text,
+    option,
+    required,
+)
 from policies.drafters import (
     Draft,
     Drafter,
@@ -61,9 +74,8 @@ SECTION_PATH = f"techniques.{NAME}"
 DRAFTERS = ("draft_model", "layer_skip", "prompt_lookup", "recycle")
 TREE_KINDS = ("static", "dynamic")
 MAX_NODE_BUDGET = 512
-_FIELDS = ("drafter", "draft_model", "skip_layers", "prompt_lookup", "recycle", "tree", "node_budget", "shape")
 MAX_RECYCLE_K = 16
-_LOOKUP_DEFAULTS = {"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1}
+MODEL_DRAFTERS = ("draft_model", "layer_skip", "recycle")  # the drafters that fill a tree
 
 
 @dataclass
@@ -184,105 +196,125 @@ def _accept(draft: Draft, rows: torch.Tensor, sampling: Sampling,
 
 
 # -- policy section --------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True, kw_only=True)
+class PromptLookupConfig(TechniqueConfig):
+    """`prompt_lookup`: draft continuations of the longest suffix n-gram found earlier in the context."""
+
+    max_ngram: int = option(3, Int(min=1), "longest suffix n-gram looked up")
+    min_ngram: int = option(1, Int(min=1), "shortest suffix n-gram looked up")
+    depth: int = option(5, Int(min=1), "tokens drafted per continuation")
+    candidates: int = option(1, Int(min=1), "continuations drafted (one chain each)")
+
+    def check(self, path: str) -> list[str]:
+        if self.min_ngram > self.max_ngram:
+            return [f"{path}.min_ngram: must be <= max_ngram ({self.max_ngram}), got {self.min_ngram}"]
+        return []
 
 
-def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
-    """Every problem of a `speculative` section, each starting with its field path (layer counts and the draft
-    model's vocabulary are checked at apply time, against the model)."""
-    if not isinstance(section, dict):
-        return [f"{path}: must be a mapping, got {type(section).__name__}"]
-    problems = [f"{path}.{k}: unknown field (known: {', '.join(_FIELDS)})" for k in section if k not in _FIELDS]
-    drafter = section.get("drafter")
-    if drafter not in DRAFTERS:
-        problems.append(f"{path}.drafter: must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
-    budget = section.get("node_budget", 64)
-    if not _is_int(budget) or not 1 <= budget <= MAX_NODE_BUDGET:
-        problems.append(f"{path}.node_budget: must be an integer in 1..{MAX_NODE_BUDGET}, got {budget!r}")
-        budget = MAX_NODE_BUDGET
-    if drafter == "draft_model" and not (isinstance(section.get("draft_model"), str) and section["draft_model"]):
-        problems.append(f"{path}.draft_model: required for drafter draft_model (e.g. builtin:tiny-draft)")
-    if drafter == "layer_skip":
-        skip = section.get("skip_layers")
-        if not isinstance(skip, list) or not skip or not all(_is_int(i) for i in skip):
-            problems.append(f"{path}.skip_layers: required for drafter layer_skip: a non-empty list of layer indices")
-        elif any(i < 1 for i in skip) or len(set(skip)) != len(skip):
-            problems.append(f"{path}.skip_layers: indices must be distinct and >= 1 (layer 0 always runs), got {skip}")
-    if drafter == "prompt_lookup":
-        problems += _validate_lookup(section.get("prompt_lookup", {}), f"{path}.prompt_lookup", budget)
-    elif drafter in ("draft_model", "layer_skip", "recycle"):
-        problems += _validate_tree(section.get("tree"), f"{path}.tree", budget)
-    if drafter == "recycle":
-        problems += _validate_recycle(section, path)
-        if "prompt_lookup" in section:  # recycling plus lookup, merged into one tree
-            tree = section.get("tree") if isinstance(section.get("tree"), dict) else {}
-            n_tree = len(tree.get("parents") or []) if isinstance(tree.get("parents"), list) else 0
-            problems += _validate_lookup(section["prompt_lookup"], f"{path}.prompt_lookup", max(0, budget - n_tree))
-    return problems
+@dataclass(frozen=True, kw_only=True)
+class RecycleConfig(TechniqueConfig):
+    """`recycle`: the target's own top-k next tokens of every token seen, recycled as drafts."""
+
+    k: int = option(8, Int(min=1, max=MAX_RECYCLE_K), "candidates kept per token")
 
 
-def _validate_lookup(lookup: Any, path: str, budget: int) -> list[str]:
-    if not isinstance(lookup, dict):
-        return [f"{path}: must be a mapping, got {type(lookup).__name__}"]
-    problems = [f"{path}.{k}: unknown field (known: {', '.join(_LOOKUP_DEFAULTS)})" for k in lookup
-                if k not in _LOOKUP_DEFAULTS]
-    values = {**_LOOKUP_DEFAULTS, **lookup}
-    for key in _LOOKUP_DEFAULTS:
-        if not _is_int(values[key]) or values[key] < 1:
-            problems.append(f"{path}.{key}: must be an integer >= 1, got {values[key]!r}")
-    if not problems:
-        if values["min_ngram"] > values["max_ngram"]:
-            problems.append(f"{path}.min_ngram: must be <= max_ngram ({values['max_ngram']}), "
-                            f"got {values['min_ngram']}")
-        if values["depth"] * values["candidates"] > budget:
-            problems.append(f"{path}: depth x candidates = {values['depth'] * values['candidates']} tree tokens "
-                            f"exceeds node_budget {budget}")
-    return problems
+@dataclass(frozen=True, kw_only=True)
+class StaticTree(TechniqueConfig):
+    """A fixed tree shape: node i's parent, the j-th child of a node being the draft's rank-j token."""
+
+    kind: str = required(Choice(("static",)), "static")
+    parents: tuple[int, ...] = required(ListOf(Int(min=-1), min_items=1, what="a non-empty list of parent "
+                                                "indices (-1 = the root)"),
+                                        "node i's parent (an earlier node) or -1; the j-th child of a node is the "
+                                        "draft's rank-j token")
+
+    def check(self, path: str) -> list[str]:
+        return validate_parents(list(self.parents), f"{path}.parents")
 
 
-def _validate_recycle(section: dict[str, Any], path: str) -> list[str]:
-    recycle = section.get("recycle", {})
-    if not isinstance(recycle, dict) or any(k != "k" for k in recycle):
-        return [f"{path}.recycle: must be a mapping with one field, k"]
-    k = recycle.get("k", 8)
-    if not _is_int(k) or not 1 <= k <= MAX_RECYCLE_K:
-        return [f"{path}.recycle.k: must be an integer in 1..{MAX_RECYCLE_K}, got {k!r}"]
-    tree = section.get("tree")
-    if isinstance(tree, dict) and tree.get("kind") == "dynamic":
-        return [f"{path}.tree.kind: the recycle drafter fills a static tree"]
-    if isinstance(tree, dict) and isinstance(tree.get("parents"), list):
-        parents = tree["parents"]
-        widest = max((parents.count(p) for p in set(parents)), default=0)
-        if widest > k:
-            return [f"{path}.tree.parents: a node has {widest} children, more than recycle.k = {k}"]
-    return []
+@dataclass(frozen=True, kw_only=True)
+class DynamicTree(TechniqueConfig):
+    """EAGLE-2-style tree: expand the top-k children of the most confident nodes, keep the best `tokens`."""
+
+    kind: str = required(Choice(("dynamic",)), "dynamic")
+    depth: int = required(Int(min=1), "draft steps")
+    topk: int = required(Int(min=1), "children tried per expanded node")
+    tokens: int = required(Int(min=1), "nodes kept for the verify forward")
+
+    def check(self, path: str) -> list[str]:
+        if self.tokens > self.depth * self.topk:
+            return [f"{path}.tokens: at most depth x topk = {self.depth * self.topk} nodes can be drafted"]
+        return []
 
 
-def _validate_tree(tree: Any, path: str, budget: int) -> list[str]:
-    if not isinstance(tree, dict):
-        return [f"{path}: required for model drafters: a mapping with kind static (parents) or dynamic"]
-    kind = tree.get("kind")
-    if kind == "static":
-        parents = tree.get("parents")
-        if not isinstance(parents, list) or not parents:
-            return [f"{path}.parents: must be a non-empty list of parent indices (-1 = the root)"]
-        problems = validate_parents(parents, f"{path}.parents")
-        if len(parents) > budget:
-            problems.append(f"{path}.parents: {len(parents)} nodes exceed node_budget {budget}")
-        extra = [k for k in tree if k not in ("kind", "parents")]
-        return problems + [f"{path}.{k}: unknown field for a static tree" for k in extra]
-    if kind == "dynamic":
-        problems = [f"{path}.{k}: must be an integer >= 1, got {tree.get(k)!r}" for k in ("depth", "topk", "tokens")
-                    if not _is_int(tree.get(k)) or tree.get(k) < 1]
-        if not problems and tree["tokens"] > budget:
-            problems.append(f"{path}.tokens: {tree['tokens']} nodes exceed node_budget {budget}")
-        if not problems and tree["tokens"] > tree["depth"] * tree["topk"]:
-            problems.append(f"{path}.tokens: at most depth x topk = {tree['depth'] * tree['topk']} nodes "
-                            "can be drafted")
-        extra = [k for k in tree if k not in ("kind", "depth", "topk", "tokens")]
-        return problems + [f"{path}.{k}: unknown field for a dynamic tree" for k in extra]
-    return [f"{path}.kind: must be one of {', '.join(TREE_KINDS)}, got {kind!r}"]
+@dataclass(frozen=True, kw_only=True)
+class SpeculativeConfig(TechniqueConfig):
+    """`techniques.speculative` (see the module docstring). Layer counts and the draft model's vocabulary are
+    checked at apply time, against the model."""
+
+    technique: ClassVar[str] = NAME
+    description: ClassVar[str] = ("Tree speculative decoding: a drafter proposes a token tree, the target verifies "
+                                  "it in one forward (lossless).")
+
+    drafter: str = required(Choice(DRAFTERS), "who proposes the draft tokens")
+    draft_model: str | None = option(None, Nullable(Text()), "drafter draft_model: builtin:NAME or a local "
+                                     "checkpoint sharing the target's tokenizer")
+    skip_layers: tuple[int, ...] | None = option(
+        None, Nullable(ListOf(Int(min=1), min_items=1)), "drafter layer_skip: target layers the draft skips "
+        "(layer 0 always runs)")
+    prompt_lookup: PromptLookupConfig | None = option(
+        None, Nullable(Section(PromptLookupConfig)), "drafter prompt_lookup (or with recycle: merged into its tree)")
+    recycle: RecycleConfig | None = option(None, Nullable(Section(RecycleConfig)), "drafter recycle")
+    tree: StaticTree | DynamicTree | None = option(
+        None, Nullable(Tagged("kind", {"static": StaticTree, "dynamic": DynamicTree})),
+        "the tree a model drafter fills: static (parents) or dynamic")
+    node_budget: int = option(64, Int(min=1, max=MAX_NODE_BUDGET), "most tree tokens per verify forward")
+    shape: dict[str, Any] | None = option(None, Nullable(Mapping()), "how the tree was chosen (provenance only; "
+                                          "not read)")
+
+    @property
+    def lookup(self) -> PromptLookupConfig:
+        """The prompt-lookup settings, defaults when the section has none."""
+        return self.prompt_lookup or PromptLookupConfig()
+
+    def check(self, path: str) -> list[str]:
+        problems: list[str] = []
+        budget, tree = self.node_budget, self.tree
+        if self.drafter == "draft_model" and not self.draft_model:
+            problems.append(f"{path}.draft_model: required for drafter draft_model (e.g. builtin:tiny-draft)")
+        if self.drafter == "layer_skip":
+            if not self.skip_layers:
+                problems.append(f"{path}.skip_layers: required for drafter layer_skip: a non-empty list of layer "
+                                "indices")
+            elif len(set(self.skip_layers)) != len(self.skip_layers):
+                problems.append(f"{path}.skip_layers: indices must be distinct and >= 1 (layer 0 always runs), "
+                                f"got {list(self.skip_layers)}")
+        if self.drafter == "prompt_lookup":
+            problems += _lookup_budget(self.lookup, f"{path}.prompt_lookup", budget)
+            return problems
+        if tree is None:
+            return problems + [f"{path}.tree: required for model drafters: a mapping with kind static (parents) or "
+                               "dynamic"]
+        n_tree = len(tree.parents) if isinstance(tree, StaticTree) else tree.tokens
+        if n_tree > budget:
+            field = "parents" if isinstance(tree, StaticTree) else "tokens"
+            problems.append(f"{path}.tree.{field}: {n_tree} nodes exceed node_budget {budget}")
+        if self.drafter == "recycle":
+            k = (self.recycle or RecycleConfig()).k
+            if isinstance(tree, DynamicTree):
+                problems.append(f"{path}.tree.kind: the recycle drafter fills a static tree")
+            else:
+                widest = max(tree.parents.count(p) for p in set(tree.parents))
+                if widest > k:
+                    problems.append(f"{path}.tree.parents: a node has {widest} children, more than recycle.k = {k}")
+            if self.prompt_lookup is not None:  # recycling plus lookup, merged into one tree
+                problems += _lookup_budget(self.prompt_lookup, f"{path}.prompt_lookup", max(0, budget - n_tree))
+        return problems
+
+
+def _lookup_budget(lookup: PromptLookupConfig, path: str, budget: int) -> list[str]:
+    n = lookup.depth * lookup.candidates
+    return [f"{path}: depth x candidates = {n} tree tokens exceeds node_budget {budget}"] if n > budget else []
 
 
 # -- runtime ---------------------------------------------------------------------------------------------------
@@ -308,41 +340,43 @@ def draft_for(spec: str, target: Any) -> Any:
     return draft
 
 
-def make_drafter(model: Any, section: dict[str, Any]) -> Drafter:
-    """The drafter a validated section describes, checked against the target `model`."""
-    kind = section["drafter"]
+def make_drafter(model: Any, config: SpeculativeConfig) -> Drafter:
+    """The drafter a config describes, checked against the target `model`."""
+    kind, tree = config.drafter, config.tree
+    lookup = config.lookup
     if kind == "prompt_lookup":
-        return PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section.get("prompt_lookup", {})})
-    tree = section["tree"]
+        return PromptLookupDrafter(lookup.max_ngram, lookup.min_ngram, lookup.depth, lookup.candidates)
+    assert tree is not None  # checked by SpeculativeConfig.check
     if kind == "recycle":
-        recycle = RecycleDrafter(tree["parents"], k=int(section.get("recycle", {}).get("k", 8)))
-        if "prompt_lookup" not in section:
+        recycle = RecycleDrafter(list(tree.parents), k=(config.recycle or RecycleConfig()).k)
+        if config.prompt_lookup is None:
             return recycle
-        return MergedDrafter(recycle, PromptLookupDrafter(**{**_LOOKUP_DEFAULTS, **section["prompt_lookup"]}))
+        return MergedDrafter(recycle, PromptLookupDrafter(lookup.max_ngram, lookup.min_ngram, lookup.depth,
+                                                          lookup.candidates))
     if kind == "draft_model":
         try:
-            lm = draft_for(section["draft_model"], model)
-        except ValueError as exc:  # unknown/missing checkpoint (ModelSpecError) or another tokenizer
+            lm = draft_for(str(config.draft_model), model)
+        except ValueError as exc:  # unknown/missing checkpoint or another tokenizer
             raise PolicyError(f"{SECTION_PATH}.draft_model: {exc}") from None
     else:
+        skip = list(config.skip_layers or ())
         n_layers = model.config.num_hidden_layers
-        if max(section["skip_layers"]) >= n_layers or len(section["skip_layers"]) >= n_layers:
-            raise PolicyError(f"{SECTION_PATH}.skip_layers: {section['skip_layers']} must name layers "
-                              f"1..{n_layers - 1} and leave at least one")
-        lm = LayerSkipLM(model, section["skip_layers"])
-    if tree["kind"] == "static":
-        return ModelDrafter(lm, tree["parents"])
-    return ModelDrafter(lm, None, dynamic_depth=tree["depth"], dynamic_topk=tree["topk"],
-                        dynamic_tokens=tree["tokens"])
+        if max(skip) >= n_layers or len(skip) >= n_layers:
+            raise PolicyError(f"{SECTION_PATH}.skip_layers: {skip} must name layers 1..{n_layers - 1} and leave at "
+                              "least one")
+        lm = LayerSkipLM(model, skip)
+    if isinstance(tree, StaticTree):
+        return ModelDrafter(lm, list(tree.parents))
+    return ModelDrafter(lm, None, dynamic_depth=tree.depth, dynamic_topk=tree.topk, dynamic_tokens=tree.tokens)
 
 
 class SpeculativeHandle(TechniqueHandle):
     """Owns generation: `generate` runs `speculative_generate` with the section's drafter. `last_stats` holds
     the statistics of the latest call."""
 
-    def __init__(self, model: Any, section: dict[str, Any], drafter: Drafter) -> None:
+    def __init__(self, model: Any, config: SpeculativeConfig, drafter: Drafter) -> None:
         self.model = model
-        self.section = section
+        self.config = config
         self.drafter = drafter
         self.last_stats = SpeculativeStats()
 
@@ -379,43 +413,13 @@ class SpeculativeRuntime(TechniqueRuntime):
     """`techniques.speculative`: tree speculative decoding (see the module docstring)."""
 
     name = NAME
+    config_class = SpeculativeConfig
     order = 200  # owns the decode loop: applied last, sees the model as the other techniques left it
     owns_generate = True
 
-    def validate(self, section: dict[str, Any], path: str) -> list[str]:
-        return validate_section(section, path)
-
-    def apply(self, model: Any, section: dict[str, Any]) -> SpeculativeHandle:
-        problems = validate_section(section)
-        if problems:
-            raise PolicyError(problems)
-        return SpeculativeHandle(model, section, make_drafter(model, section))
-
-    def json_schema(self) -> dict[str, Any]:
-        return {
-            "type": "object",
-            "description": "Tree speculative decoding: a drafter proposes a token tree, the target verifies it in "
-                           "one forward (lossless).",
-            "required": ["drafter"],
-            "properties": {
-                "drafter": {"enum": list(DRAFTERS)},
-                "draft_model": {"type": "string", "description": "builtin:NAME or a local checkpoint"},
-                "skip_layers": {"type": "array", "items": {"type": "integer", "minimum": 1}},
-                "recycle": {"type": "object", "properties": {"k": {"type": "integer", "minimum": 1,
-                                                                   "maximum": MAX_RECYCLE_K}}},
-                "prompt_lookup": {"type": "object", "properties": {k: {"type": "integer", "minimum": 1}
-                                                                   for k in _LOOKUP_DEFAULTS}},
-                "tree": {"type": "object", "properties": {
-                    "kind": {"enum": list(TREE_KINDS)},
-                    "parents": {"type": "array", "items": {"type": "integer", "minimum": -1},
-                                "description": "node i's parent (an earlier node) or -1; the j-th child of a node "
-                                               "is the draft's rank-j token"},
-                    "depth": {"type": "integer", "minimum": 1}, "topk": {"type": "integer", "minimum": 1},
-                    "tokens": {"type": "integer", "minimum": 1}}},
-                "node_budget": {"type": "integer", "minimum": 1, "maximum": MAX_NODE_BUDGET},
-                "shape": {"type": "object", "description": "how the tree was chosen (provenance only)"},
-            },
-        }
+    def apply(self, model: Any, config: SpeculativeConfig | dict[str, Any]) -> SpeculativeHandle:
+        config = self.config_of(config)
+        return SpeculativeHandle(model, config, make_drafter(model, config))
 
 
 register_runtime(SpeculativeRuntime())

@@ -71,13 +71,14 @@ import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from policies.config import Choice, Int, ListOf, Nullable, Number, TechniqueConfig, option, required
 from policies.registry import TechniqueHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError, is_number
+from policies.schema import PolicyError
 from profilers.hf_compat import hook_cache
 from profilers.model_parts import decoder_parts
 from profilers.peak_memory import cache_nbytes  # noqa: F401 - re-exported: measured KV-cache size
@@ -85,7 +86,7 @@ from profilers.peak_memory import cache_nbytes  # noqa: F401 - re-exported: meas
 __all__ = [
     "DEFAULTS",
     "SCORERS",
-    "RetentionSpec",
+    "TokenRetentionConfig",
     "TokenRetentionHandle",
     "TokenRetentionRuntime",
     "cache_nbytes",
@@ -94,118 +95,64 @@ __all__ = [
     "kept_counts_for_section",
     "kv_cache_bytes",
     "select_kept",
-    "validate_section",
 ]
 
 NAME = "token_retention"
 SECTION_PATH = f"techniques.{NAME}"
 SCORERS: tuple[str, ...] = ("attention", "l2norm")
-#: Values of the optional fields when a section leaves them out.
-DEFAULTS: dict[str, Any] = {"scorer": "attention", "window": 8, "sinks": 4, "scope": None, "min_prompt_tokens": 64}
-_FIELDS = ("keep", *DEFAULTS)
 _SUPPORTED_ATTN = ("sdpa", "eager")
 _IMPL_PREFIX = "autotune_tr_"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The section: validation, defaults, and the pure arithmetic the cost model shares with the runtime.
+# The section: its config class, and the pure arithmetic the cost model shares with the runtime.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True, kw_only=True)
+class TokenRetentionConfig(TechniqueConfig):
+    """``techniques.token_retention`` (see the module docstring). The layer count is not checked here (a policy
+    file is validated without the model); ``apply`` checks it."""
 
+    technique: ClassVar[str] = NAME
+    description: ClassVar[str] = "Drop prompt tokens between decoder layers during prefill (FastV / PyramidDrop style)."
 
-def validate_section(section: Any, path: str = SECTION_PATH) -> list[str]:
-    """Every problem of a ``token_retention`` section, each starting with its field path.
+    keep: tuple[float, ...] = required(
+        ListOf(Number(gt=0, le=1), min_items=1), "per layer (len == num_layers): fraction of the in-scope prompt "
+        "tokens the layer processes; non-increasing with depth; keep[0] must be 1.0",
+        json_extra={"prefixItems": [{"const": 1.0}]})
+    scorer: str = option("attention", Choice(SCORERS), "how rows are ranked: attention of the window (FastV, "
+                         "PyramidDrop) or the hidden row's L2 norm")
+    window: int = option(8, Int(min=1), "last w prompt tokens: they score the others and are never dropped")
+    sinks: int = option(4, Int(min=0), "first tokens, never dropped (attention sinks)")
+    scope: tuple[int, int] | None = option(
+        None, Nullable(ListOf(Int(min=0), min_items=2, max_items=2, what="[start, end) with 0 <= start < end "
+                              "integers")), "[start, end) token span where dropping is allowed (null: the prompt)")
+    min_prompt_tokens: int = option(64, Int(min=0), "shorter prompts run dense")
 
-    The layer count is not checked here (a policy file is validated without the model); ``apply`` checks it.
-    """
-    if not isinstance(section, dict):
-        return [f"{path}: must be a mapping, got {type(section).__name__}"]
-    problems: list[str] = []
-    for key in section:
-        if key not in _FIELDS:
-            problems.append(f"{path}.{key}: unknown field (known: {', '.join(_FIELDS)})")
-    keep = section.get("keep")
-    if "keep" not in section:
-        problems.append(f"{path}.keep: required (a list of per-layer keep fractions)")
-    elif not isinstance(keep, list) or not keep:
-        problems.append(f"{path}.keep: must be a non-empty list of numbers in (0, 1], got {keep!r}")
-    else:
-        ok = True
-        for i, value in enumerate(keep):
-            if not is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
-                problems.append(f"{path}.keep[{i}]: must be in (0, 1], got {value!r}")
-                ok = False
-        if ok:
-            if keep[0] != 1:
-                problems.append(
-                    f"{path}.keep[0]: must be 1.0 (layer 0 sees every token: it scores the first drop, and "
-                    f"decode positions come from layer 0's cache length), got {keep[0]!r}"
-                )
-            for i in range(1, len(keep)):
-                if keep[i] > keep[i - 1]:
-                    problems.append(
-                        f"{path}.keep: must be non-increasing with depth (keep[{i}]={keep[i]} > "
-                        f"keep[{i - 1}]={keep[i - 1]})"
-                    )
-                    break
-    scorer = section.get("scorer", DEFAULTS["scorer"])
-    if scorer not in SCORERS:
-        problems.append(f"{path}.scorer: must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    window = section.get("window", DEFAULTS["window"])
-    if not _is_int(window) or window < 1:
-        problems.append(f"{path}.window: must be an integer >= 1, got {window!r}")
-    sinks = section.get("sinks", DEFAULTS["sinks"])
-    if not _is_int(sinks) or sinks < 0:
-        problems.append(f"{path}.sinks: must be an integer >= 0, got {sinks!r}")
-    mpt = section.get("min_prompt_tokens", DEFAULTS["min_prompt_tokens"])
-    if not _is_int(mpt) or mpt < 0:
-        problems.append(f"{path}.min_prompt_tokens: must be an integer >= 0, got {mpt!r}")
-    scope = section.get("scope", DEFAULTS["scope"])
-    if scope is not None:
-        if (
-            not isinstance(scope, list)
-            or len(scope) != 2
-            or not all(_is_int(v) for v in scope)
-            or not 0 <= scope[0] < scope[1]
-        ):
-            problems.append(f"{path}.scope: must be null or [start, end) with 0 <= start < end integers, got {scope!r}")
-    return problems
-
-
-@dataclass(frozen=True)
-class RetentionSpec:
-    """A validated section with its defaults filled in (what the runtime and the helpers work from)."""
-
-    keep: tuple[float, ...]
-    scorer: str = DEFAULTS["scorer"]
-    window: int = DEFAULTS["window"]
-    sinks: int = DEFAULTS["sinks"]
-    scope: tuple[int, int] | None = None
-    min_prompt_tokens: int = DEFAULTS["min_prompt_tokens"]
-
-    @classmethod
-    def from_section(cls, section: dict[str, Any], path: str = SECTION_PATH) -> RetentionSpec:
-        """Validate (``PolicyError`` naming every bad field) and fill in the defaults."""
-        problems = validate_section(section, path)
-        if problems:
-            raise PolicyError(problems)
-        scope = section.get("scope")
-        return cls(
-            keep=tuple(float(k) for k in section["keep"]),
-            scorer=section.get("scorer", DEFAULTS["scorer"]),
-            window=int(section.get("window", DEFAULTS["window"])),
-            sinks=int(section.get("sinks", DEFAULTS["sinks"])),
-            scope=None if scope is None else (int(scope[0]), int(scope[1])),
-            min_prompt_tokens=int(section.get("min_prompt_tokens", DEFAULTS["min_prompt_tokens"])),
-        )
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.keep[0] != 1:
+            problems.append(f"{path}.keep[0]: must be 1.0 (layer 0 sees every token: it scores the first drop, and "
+                            f"decode positions come from layer 0's cache length), got {self.keep[0]!r}")
+        for i in range(1, len(self.keep)):
+            if self.keep[i] > self.keep[i - 1]:
+                problems.append(f"{path}.keep: must be non-increasing with depth (keep[{i}]={self.keep[i]} > "
+                                f"keep[{i - 1}]={self.keep[i - 1]})")
+                break
+        if self.scope is not None and not self.scope[0] < self.scope[1]:
+            problems.append(f"{path}.scope: must be [start, end) with 0 <= start < end integers or null, "
+                            f"got {list(self.scope)!r}")
+        return problems
 
     def counts(self, n_prompt: int) -> list[int]:
-        """Tokens each layer processes for a prompt of ``n_prompt`` tokens (``kept_counts`` with this spec)."""
+        """Tokens each layer processes for a prompt of ``n_prompt`` tokens (``kept_counts`` with this config)."""
         return kept_counts(self.keep, n_prompt, self.sinks, self.window, self.scope,
                            min_prompt_tokens=self.min_prompt_tokens)
+
+
+#: Values of the optional fields when a section leaves them out (derived from the config class).
+DEFAULTS: dict[str, Any] = TokenRetentionConfig.defaults()
 
 
 def _scope_bounds(n_prompt: int, scope: Sequence[int] | None) -> tuple[int, int]:
@@ -252,7 +199,7 @@ def kept_counts(
 
 def kept_counts_for_section(section: dict[str, Any], n_prompt: int) -> list[int]:
     """``kept_counts`` for a policy section, defaults included (``min_prompt_tokens`` too)."""
-    return RetentionSpec.from_section(section).counts(n_prompt)
+    return TokenRetentionConfig.from_section(section).counts(n_prompt)
 
 
 def kv_cache_bytes(
@@ -430,7 +377,7 @@ class _CompactListener:
 class _Retention:
     """The live state of one application: hooks call into it; the attention function reports to it."""
 
-    def __init__(self, model: nn.Module, spec: RetentionSpec, original: str) -> None:
+    def __init__(self, model: nn.Module, spec: TokenRetentionConfig, original: str) -> None:
         parts = decoder_parts(model)
         self.spec = spec
         self.original = original
@@ -750,7 +697,7 @@ class TokenRetentionHandle(TechniqueHandle):
         self._undo: list[Callable[[], None]] | None = undo
 
     @property
-    def spec(self) -> RetentionSpec:
+    def spec(self) -> TokenRetentionConfig:
         return self._state.spec
 
     @property
@@ -799,13 +746,11 @@ class TokenRetentionRuntime(TechniqueRuntime):
     """``techniques.token_retention``: per-layer prefill token dropping (see the module docstring)."""
 
     name = NAME
+    config_class = TokenRetentionConfig
     order = 100  # forward hooks: after weight edits, before decode-loop owners
 
-    def validate(self, section: dict[str, Any], path: str) -> list[str]:
-        return validate_section(section, path)
-
-    def apply(self, model: Any, section: dict[str, Any]) -> TokenRetentionHandle:
-        spec = RetentionSpec.from_section(section)
+    def apply(self, model: Any, config: TokenRetentionConfig | dict[str, Any]) -> TokenRetentionHandle:
+        spec = self.config_of(config)
         parts = decoder_parts(model)
         n_layers = len(parts.layers)
         if len(spec.keep) != n_layers:
@@ -845,40 +790,6 @@ class TokenRetentionRuntime(TechniqueRuntime):
                 fn()
             raise
         return TokenRetentionHandle(model, state, undo)
-
-    def json_schema(self) -> dict[str, Any]:
-        fraction = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
-        return {
-            "type": "object",
-            "description": "Drop prompt tokens between decoder layers during prefill (FastV / PyramidDrop style).",
-            "required": ["keep"],
-            "additionalProperties": False,
-            "properties": {
-                "keep": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": fraction,
-                    "prefixItems": [{"const": 1.0}],
-                    "description": "Per layer (len == num_layers): fraction of the in-scope prompt tokens the "
-                    "layer processes; non-increasing with depth; keep[0] must be 1.0.",
-                },
-                "scorer": {"enum": list(SCORERS), "default": DEFAULTS["scorer"]},
-                "window": {"type": "integer", "minimum": 1, "default": DEFAULTS["window"],
-                           "description": "Last w prompt tokens: they score the others and are never dropped."},
-                "sinks": {"type": "integer", "minimum": 0, "default": DEFAULTS["sinks"],
-                          "description": "First tokens, never dropped."},
-                "scope": {
-                    "oneOf": [
-                        {"type": "null"},
-                        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2},
-                    ],
-                    "default": None,
-                    "description": "[start, end) token span where dropping is allowed (null: the whole prompt).",
-                },
-                "min_prompt_tokens": {"type": "integer", "minimum": 0, "default": DEFAULTS["min_prompt_tokens"],
-                                      "description": "Shorter prompts run dense."},
-            },
-        }
 
 
 def _bind(fn: Callable[..., Any], layer: int) -> Callable[..., Any]:

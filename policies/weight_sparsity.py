@@ -25,15 +25,17 @@ import base64
 import binascii
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from policies.sparsity import GROUPS, group_linears
+from policies.config import Choice, Nullable, Number, Rows, Spec, TechniqueConfig, option, required
 from policies.registry import FunctionHandle, TechniqueRuntime, register_runtime
-from policies.schema import PolicyError, is_number
+from policies.schema import PolicyError
+from policies.sparsity import GROUPS, group_linears
 from profilers.model_parts import decoder_parts
 
 NAME = "weight_sparsity"
@@ -42,7 +44,6 @@ METHODS = ("magnitude", "wanda")
 UNSTRUCTURED, TWO_FOUR = "unstructured", "2:4"
 STRUCTURES = (UNSTRUCTURED, TWO_FOUR)
 TWO_FOUR_LEVEL = 0.5  # 2 of every 4 weights zeroed
-_FIELDS = ("method", "structure", "levels", "norms")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -243,45 +244,28 @@ def decode_norms(text: str) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _level_problems(rows: object, path: str, structure: str) -> list[str]:
-    """Problems of `levels`: one [qkv, o, gate_up, down] row per layer, each in [0, 1) ({0, 0.5} for 2:4)."""
-    if not isinstance(rows, list) or not rows:
-        return [f"{path}.levels: required, a list with one [{', '.join(GROUPS)}] row per layer"]
-    problems = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(GROUPS):
-            problems.append(f"{path}.levels[{i}]: must be a list of {len(GROUPS)} numbers ({', '.join(GROUPS)})")
-            continue
-        for group, value in zip(GROUPS, row, strict=True):
-            if structure == TWO_FOUR:
-                if not is_number(value) or value not in (0, TWO_FOUR_LEVEL):
-                    problems.append(f"{path}.levels[{i}].{group}: must be 0 (dense) or 0.5 with structure 2:4, "
-                                    f"got {value!r}")
-            elif not is_number(value) or not 0 <= value < 1:
-                problems.append(f"{path}.levels[{i}].{group}: must be a number in [0, 1), got {value!r}")
-    return problems
+@dataclass(frozen=True)
+class Base64Norms(Spec):
+    """A base64 string of little-endian float32 input-channel norms (``encode_norms``)."""
+
+    def problems(self, value: Any, path: str) -> list[str]:
+        try:
+            decode_norms(value)
+        except ValueError as exc:
+            return [f"{path}: {exc}"]
+        return []
+
+    def expected(self) -> str:
+        return "a base64 string"
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"type": "string", "contentEncoding": "base64"}
 
 
-def _norm_problems(rows: object, path: str) -> list[str]:
-    """Problems of `norms`: one row of 4 base64 float32 vectors per layer."""
-    if not isinstance(rows, list) or not rows:
-        return [f"{path}.norms: required for method wanda, a list with one [{', '.join(GROUPS)}] row of base64 "
-                "float32 vectors per layer"]
-    problems = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(GROUPS):
-            problems.append(f"{path}.norms[{i}]: must be a list of {len(GROUPS)} base64 strings ({', '.join(GROUPS)})")
-            continue
-        for group, text in zip(GROUPS, row, strict=True):
-            try:
-                decode_norms(text)
-            except ValueError as exc:
-                problems.append(f"{path}.norms[{i}].{group}: {exc}")
-    return problems
-
-
-def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
-    """Problems of a `weight_sparsity` section, each with its field path. Shape:
+@dataclass(frozen=True, kw_only=True)
+class WeightSparsityConfig(TechniqueConfig):
+    """`techniques.weight_sparsity`. The layer count and the norms' lengths are checked against the model at apply
+    time, and so is 2:4's hardware, since a policy file is written for one device::
 
         method: magnitude | wanda
         structure: unstructured | "2:4"            # optional, default unstructured
@@ -289,33 +273,45 @@ def validate_section(section: object, path: str = SECTION_PATH) -> list[str]:
                                                    # with 2:4 optional, each 0 (group dense) or 0.5; omitted: all 0.5
         norms:  [[qkv, o, gate_up, down], ...]     # wanda only, required: per layer, base64 little-endian float32
                                                    # L2 norms of the group's input channels
+    """
 
-    The layer count and the norms' lengths are checked against the model at apply time, and so is 2:4's
-    hardware, since a policy file is written for one device."""
-    if not isinstance(section, dict):
-        return [f"{path}: must be a mapping, got {type(section).__name__}"]
-    problems = [f"{path}.{k}: unknown field (known: {', '.join(_FIELDS)})" for k in section if k not in _FIELDS]
-    method = section.get("method")
-    if method not in METHODS:
-        problems.append(f"{path}.method: required, one of {', '.join(METHODS)}, got {method!r}")
-    structure = section.get("structure", UNSTRUCTURED)
-    if structure not in STRUCTURES:
-        problems.append(f"{path}.structure: must be one of {', '.join(STRUCTURES)}, got {structure!r}")
-    if structure != TWO_FOUR or "levels" in section:
-        problems += _level_problems(section.get("levels"), path, structure)
-    if method == "wanda":
-        problems += _norm_problems(section.get("norms"), path)
-    elif "norms" in section:
-        problems.append(f"{path}.norms: only method wanda uses input norms; remove it for method {method!r}")
-    levels, norms = section.get("levels"), section.get("norms")
-    if isinstance(levels, list) and isinstance(norms, list) and levels and norms and len(levels) != len(norms):
-        problems.append(f"{path}.norms: {len(norms)} layers, but levels has {len(levels)}")
-    return problems
+    technique: ClassVar[str] = NAME
+    description: ClassVar[str] = ("Training-free weight sparsity per layer and projection group: magnitude or Wanda "
+                                  "(|W| x input-channel norm, per output row), unstructured or 2:4 (CUDA sm80+, "
+                                  "fp16/bf16).")
+
+    method: str = required(Choice(METHODS), "weight score: |W| (magnitude) or |W| x input norm (wanda)")
+    structure: str = option(UNSTRUCTURED, Choice(STRUCTURES), "unstructured, or 2 of every 4 weights (2:4)")
+    levels: tuple[tuple[float, ...], ...] | None = option(
+        None, Nullable(Rows(tuple(GROUPS), Number(ge=0, lt=1))), "per layer: fraction of weights zeroed; with 2:4 "
+        "each 0 (group dense) or 0.5, omitted: all 0.5")
+    norms: tuple[tuple[str, ...], ...] | None = option(
+        None, Nullable(Rows(tuple(GROUPS), Base64Norms())), "wanda only: per layer, base64 little-endian float32 "
+        "L2 norms of each group's input channels")
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.levels is None and self.structure != TWO_FOUR:
+            problems.append(f"{path}.levels: required, a list with one [{', '.join(GROUPS)}] row per layer")
+        if self.structure == TWO_FOUR:
+            for i, row in enumerate(self.levels or ()):
+                for group, value in zip(GROUPS, row, strict=True):
+                    if value not in (0, TWO_FOUR_LEVEL):
+                        problems.append(f"{path}.levels[{i}].{group}: must be 0 (dense) or 0.5 with structure 2:4, "
+                                        f"got {value!r}")
+        if self.method == "wanda" and self.norms is None:
+            problems.append(f"{path}.norms: required for method wanda, a list with one [{', '.join(GROUPS)}] row of "
+                            "base64 float32 vectors per layer")
+        elif self.method != "wanda" and self.norms is not None:
+            problems.append(f"{path}.norms: only method wanda uses input norms; remove it for method {self.method!r}")
+        if self.levels is not None and self.norms is not None and len(self.levels) != len(self.norms):
+            problems.append(f"{path}.norms: {len(self.norms)} layers, but levels has {len(self.levels)}")
+        return problems
 
 
-def _model_levels(section: dict[str, Any], n_layers: int) -> list[dict[str, float]]:
+def _model_levels(config: WeightSparsityConfig, n_layers: int) -> list[dict[str, float]]:
     """Per layer, group -> level, checked against the model's layer count."""
-    rows = section.get("levels")
+    rows = config.levels
     if rows is None:  # 2:4 without levels: every group of every layer
         rows = [[TWO_FOUR_LEVEL] * len(GROUPS)] * n_layers
     if len(rows) != n_layers:
@@ -323,9 +319,10 @@ def _model_levels(section: dict[str, Any], n_layers: int) -> list[dict[str, floa
     return [dict(zip(GROUPS, (float(v) for v in row), strict=True)) for row in rows]
 
 
-def _model_norms(section: dict[str, Any], layers: list[dict[str, list[nn.Linear]]]) -> list[dict[str, torch.Tensor]]:
+def _model_norms(config: WeightSparsityConfig,
+                 layers: list[dict[str, list[nn.Linear]]]) -> list[dict[str, torch.Tensor]]:
     """Decoded norms per layer and group, checked against the model's layer count and input widths."""
-    rows = section["norms"]
+    rows = config.norms or ()
     if len(rows) != len(layers):
         raise PolicyError(f"{SECTION_PATH}.norms: has {len(rows)} layers, the model has {len(layers)}")
     out = []
@@ -358,22 +355,18 @@ class WeightSparsityRuntime(TechniqueRuntime):
     or 2:4 (compressed for sparse tensor cores); `remove()` restores the dense weights exactly."""
 
     name = NAME
+    config_class = WeightSparsityConfig
     order = 50  # a weight edit (registry convention 0-99): before activation sparsity (110) copies weights
 
-    def validate(self, section: dict[str, Any], path: str) -> list[str]:
-        return validate_section(section, path)
-
-    def apply(self, model: nn.Module, section: dict[str, Any]) -> FunctionHandle:
-        problems = validate_section(section)
-        if problems:
-            raise PolicyError(problems)
+    def apply(self, model: nn.Module, config: WeightSparsityConfig | dict[str, Any]) -> FunctionHandle:
+        config = self.config_of(config)
         try:
             layers = group_linears(model)
         except ValueError as exc:
             raise PolicyError(f"{SECTION_PATH}: {exc}") from None
-        levels = _model_levels(section, len(layers))
-        method, structure = section["method"], section.get("structure", UNSTRUCTURED)
-        norms = _model_norms(section, layers) if method == "wanda" else [None] * len(layers)
+        levels = _model_levels(config, len(layers))
+        method, structure = config.method, config.structure
+        norms = _model_norms(config, layers) if method == "wanda" else [None] * len(layers)
         prune = zero_in_place
         if structure == TWO_FOUR:
             reason = semi_structured_problem(layers[0]["qkv"][0].weight)
@@ -393,27 +386,6 @@ class WeightSparsityRuntime(TechniqueRuntime):
                 raise PolicyError(f"{SECTION_PATH}.structure: cannot apply 2:4 to this model: {first_line}") from None
             raise
         return FunctionHandle(lambda: _undo_all(undo))
-
-    def json_schema(self) -> dict[str, Any]:
-        row = {"type": "array", "minItems": len(GROUPS), "maxItems": len(GROUPS),
-               "description": f"one value per projection group: {', '.join(GROUPS)}"}
-        return {
-            "type": "object",
-            "description": "Training-free weight sparsity per layer and projection group: magnitude or Wanda "
-                           "(|W| x input-channel norm, per output row), unstructured or 2:4 (CUDA sm80+, fp16/bf16).",
-            "required": ["method"],
-            "additionalProperties": False,
-            "properties": {
-                "method": {"enum": list(METHODS)},
-                "structure": {"enum": list(STRUCTURES), "default": UNSTRUCTURED},
-                "levels": {"type": "array", "description": "per layer: fraction of weights zeroed, in [0, 1); "
-                                                           "with 2:4 optional, each 0 or 0.5",
-                           "items": {**row, "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}},
-                "norms": {"type": "array", "description": "wanda only: per layer, base64 little-endian float32 L2 "
-                                                          "norms of each group's input channels",
-                          "items": {**row, "items": {"type": "string", "contentEncoding": "base64"}}},
-            },
-        }
 
 
 register_runtime(WeightSparsityRuntime())

@@ -17,7 +17,6 @@ from policies.diffusion_blocks import (
     diffusion_generate,
     supports_block_cache,
     transfer_schedule,
-    validate_section,
 )
 from policies.model_kind import model_kind
 from policies.registry import get_runtime
@@ -232,14 +231,14 @@ def test_denoiser_reads_mask_and_shift():
     ({"blocks": 3}, "blocks"),
 ])
 def test_bad_sections_are_refused_naming_the_field(section, field):
-    problems = validate_section(section, "techniques.diffusion_blocks")
+    problems = DiffusionConfig.section_problems(section, "techniques.diffusion_blocks")
     assert problems and any(p.startswith(f"techniques.diffusion_blocks.{field}") for p in problems)
 
 
 def test_good_section_validates():
-    assert validate_section({"block_length": 16, "steps_per_block": None, "threshold": 0.9, "remasking": "margin",
-                             "delimiter_threshold": 0.3, "delimiter_ids": [10], "cache": "dual", "seed": 1},
-                            "x") == []
+    good = {"block_length": 16, "steps_per_block": None, "threshold": 0.9, "remasking": "margin",
+            "delimiter_threshold": 0.3, "delimiter_ids": [10], "cache": "dual", "seed": 1}
+    assert DiffusionConfig.section_problems(good, "x") == []
 
 
 def test_padded_batches_are_refused(model):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from policies.diffusion_blocks import DiffusionConfig, validate_section
+from policies.diffusion_blocks import DiffusionConfig
 from search_spaces import SearchContext, get_search_space
-from search_spaces.diffusion_blocks import THRESHOLD_GRID, section
+from search_spaces.diffusion_blocks import THRESHOLD_GRID, DiffusionCalibration, newline_ids, section
 
 
 class Tok:
@@ -27,10 +27,11 @@ def ctx(cache: bool = True) -> SearchContext:
     profile = {"full": [{"n_query": 1056, "n_kv": 0, "ms": 80.0}],
                "window": [{"n_query": q, "n_kv": 1024, "ms": 2.0 + 0.1 * q} for q in (2, 4, 8, 16, 33, 64)]}
     forwards = {str(b): [0.5 + 0.1 * i for i in range(len(THRESHOLD_GRID))] for b in (4, 8, 16, 32, 64)}
+    calibration = DiffusionCalibration(delimiter_ids=newline_ids(Tok()), cache_supported=cache, profile=profile,
+                                       threshold_forwards=forwards, loop_ms=0.5)
     return SearchContext(model_fingerprint={"num_layers": 6}, device={},
                          workload={"prompt_tokens": 1024, "new_tokens": 32},
-                         extras={"tokenizer": Tok(), "diffusion.cache_supported": cache, "diffusion.profile": profile,
-                                 "diffusion.threshold_forwards": forwards, "diffusion.loop_ms": 0.5})
+                         prepared={"diffusion_blocks": calibration})
 
 
 def test_every_sampled_section_is_valid():
@@ -39,7 +40,7 @@ def test_every_sampled_section_is_valid():
     for _ in range(60):
         trial = study.ask()
         doc = space.suggest(trial, c)
-        assert validate_section(doc, "s") == [], doc
+        assert DiffusionConfig.section_problems(doc, "s") == [], doc
         if "delimiter_ids" in doc:
             assert doc["delimiter_ids"] == [3, 7]
         study.tell(trial, 0.0)

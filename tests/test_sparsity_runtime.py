@@ -87,10 +87,11 @@ def _policy(model, section):
 ])
 def test_invalid_sections_are_refused_with_the_field_named(section, field):
     from policies import PolicyError, policy_from_dict
-    from policies.sparsity import validate_section
+    from policies.sparsity import SparsityConfig
     from policies.testing import make_policy_dict
 
-    assert any(p.startswith(field) for p in validate_section(section)), validate_section(section)
+    problems = SparsityConfig.section_problems(section)
+    assert any(p.startswith(field) for p in problems), problems
     with pytest.raises(PolicyError, match="techniques.sparsity"):
         policy_from_dict(make_policy_dict(techniques={"sparsity": section}))
 
@@ -151,7 +152,7 @@ def test_sparse_row_kernels_equal_masking_at_decode_and_remove_restores(tiny, mo
 
 
 def test_kernels_field_is_validated():
-    from policies.sparsity import validate_section
+    from policies.sparsity import SparsityConfig
 
     section = {"levels": [[0.5] * 4], "thresholds": [[0.1] * 4], "kernels": [["dense", "triton", "dense", "dense"]]}
-    assert any(p.startswith("techniques.sparsity.kernels[0]") for p in validate_section(section))
+    assert any(p.startswith("techniques.sparsity.kernels[0]") for p in SparsityConfig.section_problems(section))

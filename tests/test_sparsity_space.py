@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.sparsity import validate_section
+from policies.sparsity import SparsityConfig
 from search_spaces.sparsity import owl_levels
 from tuner.quality import QualityConfig
 from tuner.tune import TuneConfig, tune
@@ -27,7 +27,7 @@ def test_tune_writes_a_valid_sparsity_policy_with_teal_presets_first(tmp_path):
                              quality=QualityConfig(tasks=("pattern",), examples_per_task=3, free_text_samples=1,
                                                    free_text_chars=400)))
     section = result.policy["techniques"]["sparsity"]
-    assert validate_section(section) == [] and len(section["thresholds"]) == 6
+    assert SparsityConfig.section_problems(section) == [] and len(section["thresholds"]) == 6
     trials = pd.read_csv(result.artefacts_dir / "trials.csv")
     assert list(trials["preset"][:2]) == ["sparsity:teal-40", "sparsity:teal-50"]
 

@@ -33,13 +33,13 @@ from policies import PolicyError, apply_policy, model_fingerprint, validate_poli
 from policies.registry import get_runtime
 from policies.testing import make_policy_dict
 from policies.token_retention import (
+    TokenRetentionConfig,
     TokenRetentionRuntime,
     droppable_mask,
     kept_counts,
     kept_counts_for_section,
     kv_cache_bytes,
     select_kept,
-    validate_section,
 )
 from profilers.hf_compat import cache_arg, output_cache
 from profilers.model_parts import decoder_parts
@@ -134,19 +134,19 @@ P = "techniques.token_retention"
 
 
 def test_valid_sections_pass() -> None:
-    assert validate_section({"keep": [1.0, 1.0, 0.5, 0.25]}, P) == []
+    assert TokenRetentionConfig.section_problems({"keep": [1.0, 1.0, 0.5, 0.25]}, P) == []
     full = {"keep": [1, 0.8, 0.8, 0.1], "scorer": "l2norm", "window": 1, "sinks": 0, "scope": [5, 90],
             "min_prompt_tokens": 0}
-    assert validate_section(full, P) == []
+    assert TokenRetentionConfig.section_problems(full, P) == []
     assert TokenRetentionRuntime().json_schema()["required"] == ["keep"]
 
 
 @pytest.mark.parametrize(
     ("section", "expected"),
     [
-        ({"keep": [1.0, 1.0, 0.5, 1.5]}, f"{P}.keep[3]: must be in (0, 1]"),
-        ({"keep": [1.0, 1.0, 0.5, 0.0]}, f"{P}.keep[3]: must be in (0, 1]"),
-        ({"keep": [1.0, 1.0, 0.5, True]}, f"{P}.keep[3]: must be in (0, 1]"),
+        ({"keep": [1.0, 1.0, 0.5, 1.5]}, f"{P}.keep[3]: must be a number in (0, 1]"),
+        ({"keep": [1.0, 1.0, 0.5, 0.0]}, f"{P}.keep[3]: must be a number in (0, 1]"),
+        ({"keep": [1.0, 1.0, 0.5, True]}, f"{P}.keep[3]: must be a number in (0, 1]"),
         (
             {"keep": [1.0, 0.9, 0.7, 0.5, 0.6]},
             f"{P}.keep: must be non-increasing with depth (keep[4]=0.6 > keep[3]=0.5)",
@@ -159,15 +159,15 @@ def test_valid_sections_pass() -> None:
         ({"keep": [1.0], "window": 0}, f"{P}.window: must be an integer >= 1"),
         ({"keep": [1.0], "window": 2.5}, f"{P}.window: must be an integer >= 1"),
         ({"keep": [1.0], "sinks": -1}, f"{P}.sinks: must be an integer >= 0"),
-        ({"keep": [1.0], "scope": [10, 5]}, f"{P}.scope: must be null or [start, end)"),
-        ({"keep": [1.0], "scope": [0, 5, 9]}, f"{P}.scope: must be null or [start, end)"),
-        ({"keep": [1.0], "scope": [-1, 5]}, f"{P}.scope: must be null or [start, end)"),
+        ({"keep": [1.0], "scope": [10, 5]}, f"{P}.scope: must be [start, end)"),
+        ({"keep": [1.0], "scope": [0, 5, 9]}, f"{P}.scope: must be [start, end)"),
+        ({"keep": [1.0], "scope": [-1, 5]}, f"{P}.scope: must be [start, end)"),
         ({"keep": [1.0], "min_prompt_tokens": "64"}, f"{P}.min_prompt_tokens: must be an integer >= 0"),
         ({"keep": [1.0], "ratio": 0.5}, f"{P}.ratio: unknown field"),
     ],
 )
 def test_invalid_sections_name_the_field(section: dict[str, Any], expected: str) -> None:
-    problems = validate_section(section, P)
+    problems = TokenRetentionConfig.section_problems(section, P)
     assert any(p.startswith(expected) for p in problems), problems
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from policies.sparsity import GROUPS, calibrate_thresholds
 from policies.schema import PolicyError
+from policies.sparsity import GROUPS, calibrate_thresholds
 from policies.weight_sparsity import (
+    WeightSparsityConfig,
     encode_norms,
     input_norms,
     magnitude_mask,
     two_four_mask,
-    validate_section,
     wanda_mask,
 )
 from profilers.hf_compat import cache_arg
@@ -179,7 +179,7 @@ def _b64(values: list[float]) -> str:
     ({"method": "wanda", "levels": [[0.5] * 4] * 2, "norms": [[_b64([1.0])] * 4]}, f"{PATH}.norms: 1 layers"),
     ({"method": "magnitude", "levels": [[0.5] * 4], "norms": [[_b64([1.0])] * 4]},
      f"{PATH}.norms: only method wanda"),
-    ({"method": "sparsegpt", "levels": [[0.5] * 4]}, f"{PATH}.method: required, one of magnitude, wanda"),
+    ({"method": "sparsegpt", "levels": [[0.5] * 4]}, f"{PATH}.method: must be one of magnitude, wanda"),
     ({"method": "magnitude", "structure": "4:8"}, f"{PATH}.structure: must be one of"),
     ({"method": "magnitude", "structure": "2:4", "levels": [[0.5, 0.3, 0.0, 0.5]]},
      f"{PATH}.levels[0].o: must be 0 (dense) or 0.5 with structure 2:4"),
@@ -189,16 +189,17 @@ def test_invalid_sections_are_refused_with_the_field_named(section, field):
     from policies import policy_from_dict
     from policies.testing import make_policy_dict
 
-    problems = validate_section(section)
+    problems = WeightSparsityConfig.section_problems(section)
     assert any(p.startswith(field) for p in problems), problems
     with pytest.raises(PolicyError, match=PATH):
         policy_from_dict(make_policy_dict(techniques={"weight_sparsity": section}))
 
 
 def test_valid_sections_pass_validation():
-    assert validate_section({"method": "magnitude", "structure": "2:4"}) == []
-    assert validate_section({"method": "magnitude", "structure": "2:4", "levels": [[0.5, 0, 0.5, 0.0]]}) == []
-    assert validate_section({"method": "wanda", "levels": [[0.5] * 4], "norms": [[_b64([1.0, 2.0])] * 4]}) == []
+    assert WeightSparsityConfig.section_problems({"method": "magnitude", "structure": "2:4"}) == []
+    problems = WeightSparsityConfig.section_problems
+    assert problems({"method": "magnitude", "structure": "2:4", "levels": [[0.5, 0, 0.5, 0.0]]}) == []
+    assert problems({"method": "wanda", "levels": [[0.5] * 4], "norms": [[_b64([1.0, 2.0])] * 4]}) == []
 
 
 def test_apply_checks_the_model_and_refuses_two_four_off_sparse_tensor_cores(small):
@@ -297,7 +298,7 @@ def test_tune_writes_a_valid_weight_sparsity_policy_with_the_presets_first(tiny,
                              quality=QualityConfig(tasks=("pattern",), examples_per_task=3, free_text_samples=1,
                                                    free_text_chars=400)))
     section = result.policy["techniques"]["weight_sparsity"]
-    assert validate_section(section) == [] and len(section["levels"]) == 6
+    assert WeightSparsityConfig.section_problems(section) == [] and len(section["levels"]) == 6
     trials = pd.read_csv(result.artefacts_dir / "trials.csv")
     assert list(trials["preset"][:2]) == ["weight_sparsity:wanda-50", "weight_sparsity:magnitude-50"]
     before = _snapshot(tiny.model)
