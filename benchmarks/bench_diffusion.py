@@ -39,7 +39,7 @@ def held_out_quality(model_spec: str, policy, examples: int, seed: int) -> dict[
     loaded = load_model(model_spec)
     tok = loaded.tokenizer
     ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), workload={}, device={},
-                        extras={"model": loaded.model, "tokenizer": tok})
+                        model=loaded.model, tokenizer=tok)
     base = policy_to_dict(policy)
     variants = {"dense": None, "policy": policy}
     for preset in get_search_space("diffusion_blocks").presets(ctx):

@@ -31,22 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from policies.sparsity import GROUPS, SparsityRuntime  # noqa: E402
 from policies.fingerprint import model_fingerprint  # noqa: E402
+from policies.sparsity import GROUPS, SparsityRuntime  # noqa: E402
 from search_spaces import SearchContext, get_search_space  # noqa: E402
+from search_spaces.sparsity import SparsityCalibration  # noqa: E402
 from search_spaces.sparsity_greedy import levels_for  # noqa: E402
 from tuner.measure import time_generate  # noqa: E402
 from tuner.models import load_model  # noqa: E402
 from tuner.quality import QualityConfig, QualityHarness  # noqa: E402
-from tuner.workload import timing_input_ids  # noqa: E402
+from tuner.workload import TunerInputs, timing_input_ids  # noqa: E402
 
 
 def prepared_context(loaded: Any, prompt_tokens: int, new_tokens: int) -> tuple[Any, SearchContext]:
     space = get_search_space("sparsity")
     ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), device={},
                         workload={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens},
-                        extras={"objective": "latency_ms"})
-    space.prepare(ctx, loaded.model, loaded.tokenizer, torch.device("cpu"))
+                        objective="latency_ms", inputs=TunerInputs())
+    ctx.prepared[space.name] = space.prepare(ctx, loaded.model, loaded.tokenizer, torch.device("cpu"))
     return space, ctx
 
 
@@ -140,7 +141,7 @@ def main() -> None:
     for spec in models:
         loaded = load_model(spec)
         space, ctx = prepared_context(loaded, args.prompt_tokens, args.new_tokens)
-        o = ctx.extras["sparsity.overheads"]
+        o = ctx.prepared_state("sparsity", SparsityCalibration).overheads
         print(f"\n## {spec}: overheads per sparsified group: masking {o.mask_us:.1f} us/token, sparse path "
               f"{o.sparse_us:.1f} us/token, prefill {o.prefill_ms:.3f} ms")
         sections: dict[str, dict | None] = {"dense": None, **grid(space, ctx, levels)}
@@ -148,7 +149,7 @@ def main() -> None:
         ms = time_variants(loaded.model, sections, input_ids, args.new_tokens, args.repeats)
         dense_ms = ms["dense"]
         baseline = {"ttft_ms": 0.0, "latency_ms": dense_ms * (args.new_tokens - 1)}
-        ctx.extras["baseline"] = baseline
+        ctx.baseline = baseline
         wide_agreement = {}
         if args.check_wide_quality and spec != args.quality_model:
             cfg = QualityConfig(tasks=(), free_text_samples=2)

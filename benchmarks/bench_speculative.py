@@ -86,7 +86,7 @@ def main() -> None:
         variants[f"peer:{peer.name}"] = (peer.generate, None)
     space = get_search_space("speculative")
     ctx = SearchContext(model_fingerprint={}, workload={}, device=device_fp.to_dict(),
-                        extras={"draft_model": args.draft_model})
+                        draft_model=args.draft_model)
     base = None
     for path in args.policy:
         policy = load_policy_file(path)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from search_spaces.base import Peer, Preset, SearchContext, SearchSpace
+from search_spaces.base import Peer, Preset, SearchContext, SearchSpace, StudyInputs
 
-__all__ = ["Peer", "Preset", "SearchContext", "SearchSpace", "get_search_space", "register_search_space",
-           "registered_search_spaces"]
+__all__ = ["Peer", "Preset", "SearchContext", "SearchSpace", "StudyInputs", "get_search_space",
+           "register_search_space", "registered_search_spaces"]
 
 _REGISTRY: dict[str, SearchSpace] = {}
 # One line per technique shipped with autotune: "module path" (imported lazily on first lookup).

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -69,48 +70,77 @@ def section(ctx: SearchContext, block: int, *, tokens_per_step: int = 1, thresho
     return doc
 
 
+NAME = "diffusion_blocks"
+
+
+@dataclass
+class DiffusionCalibration:
+    """What this space knows about the model on this device (`ctx.prepared["diffusion_blocks"]`).
+
+    The model facts (AdaBlock's delimiters, block-cache support) are probed once, by `prepare` or, where no
+    study prepared the context (`bench` shows presets), on first use from `ctx.model` / `ctx.tokenizer`; the
+    measurements only `prepare` makes are None until then (no cost model)."""
+
+    delimiter_ids: list[int] | None  # the tokenizer's newline-ended tokens; None: no tokenizer to probe
+    cache_supported: bool  # the model supports the block KV cache (`supports_block_cache`)
+    #: {"full": rows, "window": rows} forward latencies (`diffusion_blocks_profiler.profile_denoiser`)
+    profile: dict[str, Any] | None = None
+    #: {str(block): forwards per generated token at each THRESHOLD_GRID value}, measured on the workload's prompt
+    threshold_forwards: dict[str, list[float]] | None = None
+    loop_ms: float = 0.0  # the decode loop's own milliseconds per forward (0 until measured)
+
+    @classmethod
+    def probe(cls, model: Any, tokenizer: Any) -> DiffusionCalibration:
+        """The model facts, without measurements (no model: no block cache; no tokenizer: no delimiters)."""
+        return cls(delimiter_ids=None if tokenizer is None else newline_ids(tokenizer),
+                   cache_supported=model is not None and supports_block_cache(model))
+
+
+def _state(ctx: SearchContext) -> DiffusionCalibration:
+    """The context's `DiffusionCalibration`; probed from `ctx.model` / `ctx.tokenizer` and kept under the
+    technique's name when `prepare` did not run."""
+    state = ctx.prepared_or_none(NAME, DiffusionCalibration)
+    if state is None:
+        state = DiffusionCalibration.probe(ctx.model, ctx.tokenizer)
+        ctx.prepared[NAME] = state
+    return state
+
+
 def delimiters(ctx: SearchContext) -> list[int]:
-    """The newline tokens of the context's tokenizer (`extras["tokenizer"]`), computed once per context."""
-    if "diffusion.delimiters" not in ctx.extras:
-        tokenizer = ctx.extras.get("tokenizer")
-        if tokenizer is None:
-            raise ValueError("diffusion_blocks needs the tokenizer (SearchContext.extras['tokenizer']) to find "
-                             "AdaBlock's delimiters")
-        ctx.extras["diffusion.delimiters"] = newline_ids(tokenizer)
-    return list(ctx.extras["diffusion.delimiters"])
+    """AdaBlock's delimiters for the context's tokenizer, probed once per context."""
+    ids = _state(ctx).delimiter_ids
+    if ids is None:
+        raise ValueError("diffusion_blocks needs the tokenizer (SearchContext.tokenizer) to find AdaBlock's delimiters")
+    return list(ids)
 
 
 def cache_supported(ctx: SearchContext) -> bool:
-    """Whether the context's model (`extras["model"]`) supports the block KV cache; probed once per context."""
-    if "diffusion.cache_supported" not in ctx.extras:
-        model = ctx.extras.get("model")
-        ctx.extras["diffusion.cache_supported"] = model is not None and supports_block_cache(model)
-    return bool(ctx.extras["diffusion.cache_supported"])
+    """Whether the context's model supports the block KV cache; probed once per context."""
+    return _state(ctx).cache_supported
 
 
 class DiffusionBlocksSpace(SearchSpace):
-    name = "diffusion_blocks"
+    name = NAME
     quality_metric = "accuracy"
 
     # ------------------------------------------------------------------------------------------ prepare
-    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> None:
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> DiffusionCalibration:
         """Delimiters, cache support, the two forward-latency curves, forwards per block under thresholds,
         and the loop's own cost per forward."""
         from search_spaces.diffusion_blocks_profiler import profile_denoiser
-        from tuner.workload import timing_input_ids
 
-        ctx.extras.setdefault("tokenizer", tokenizer)
-        ctx.extras.setdefault("model", model)
-        delimiters(ctx)
-        cache_ok = cache_supported(ctx)
+        inputs = ctx.study_inputs()
+        state = DiffusionCalibration.probe(model, tokenizer)
+        cache_ok = state.cache_supported
         prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
         total = prompt + new
-        ctx.extras["diffusion.profile"] = profile_denoiser(
+        state.profile = profile_denoiser(
             model, device, seq_lens=(total,), kv_tokens=prompt,
             windows=sorted({2, 4, 8, 16, 32, 64, new + 1, min(new + 1, 65)}), cache=cache_ok)
-        input_ids = timing_input_ids(tokenizer, prompt, device)
-        ctx.extras["diffusion.threshold_forwards"] = self._threshold_forwards(model, input_ids, new, cache_ok)
-        ctx.extras["diffusion.loop_ms"] = self._loop_overhead(ctx, model, input_ids, new, cache_ok)
+        input_ids = inputs.timing_ids(tokenizer, prompt, device)
+        state.threshold_forwards = self._threshold_forwards(model, input_ids, new, cache_ok)
+        state.loop_ms = self._loop_overhead(ctx, state, model, input_ids, new, cache_ok)
+        return state
 
     @staticmethod
     def _threshold_forwards(model: Any, input_ids: torch.Tensor, new: int, cache_ok: bool) -> dict[str, Any]:
@@ -127,8 +157,8 @@ class DiffusionBlocksSpace(SearchSpace):
             table[str(block)] = row
         return table
 
-    def _loop_overhead(self, ctx: SearchContext, model: Any, input_ids: torch.Tensor, new: int,
-                       cache_ok: bool) -> float:
+    def _loop_overhead(self, ctx: SearchContext, state: DiffusionCalibration, model: Any, input_ids: torch.Tensor,
+                       new: int, cache_ok: bool) -> float:
         """The loop's own milliseconds per forward (softmax, selection, copies): one real decode of a
         threshold configuration, minus its forwards' profiled latency, per forward (median of 3, >= 0)."""
         cfg = DiffusionConfig(block_length=PRESET_BLOCK, steps_per_block=None, threshold=0.9,
@@ -142,7 +172,7 @@ class DiffusionBlocksSpace(SearchSpace):
             diffusion_generate(model, input_ids, new, cfg, stats=stats)
             synchronize(device)
             elapsed = (time.perf_counter() - start) * 1e3
-            forward_ms = self._forwards_ms(ctx, cfg, stats.block_forwards, new)
+            forward_ms = self._forwards_ms(ctx, state, cfg, stats.block_forwards, new)
             residuals.append((elapsed - forward_ms) / max(stats.forwards, 1))
         return max(0.0, statistics.median(residuals))
 
@@ -187,7 +217,7 @@ class DiffusionBlocksSpace(SearchSpace):
         steps = float(min(cfg.steps_for(length), length))
         if cfg.threshold is None:
             return steps
-        table = ctx.extras.get("diffusion.threshold_forwards")
+        table = _state(ctx).threshold_forwards
         if not table:
             return steps
         block = min(BLOCKS, key=lambda b: abs(b - cfg.block_length))
@@ -201,11 +231,14 @@ class DiffusionBlocksSpace(SearchSpace):
                 break
         return max(1.0, min(steps, per_token * length))
 
-    def _forwards_ms(self, ctx: SearchContext, cfg: DiffusionConfig, forwards: list[float], new: int) -> float:
+    def _forwards_ms(self, ctx: SearchContext, state: DiffusionCalibration, cfg: DiffusionConfig,
+                     forwards: list[float], new: int) -> float:
         """Forward latency of a decode with `forwards[i]` forwards in block i (blocks of cfg.block_length)."""
         from search_spaces.speculative_profiler import VerifyCurve
 
-        profile = ctx.extras["diffusion.profile"]
+        profile = state.profile
+        if profile is None:
+            raise RuntimeError("diffusion_blocks: prepare() did not run (no forward-latency profile)")
         prompt = int(ctx.workload["prompt_tokens"])
         full = VerifyCurve(profile["full"]).ms(prompt + new, 0)
         window = VerifyCurve(profile["window"]) if profile.get("window") else None
@@ -223,14 +256,15 @@ class DiffusionBlocksSpace(SearchSpace):
 
     def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
         """Predicted end-to-end latency (ms) of generating the workload's tokens under `section`."""
-        if "diffusion.profile" not in ctx.extras:
+        state = ctx.prepared_or_none(self.name, DiffusionCalibration)
+        if state is None or state.profile is None:
             return None
         cfg = DiffusionConfig.from_section(section)
         new = int(ctx.workload["new_tokens"])
         lengths = [min(cfg.block_length, new - s) for s in range(0, new, cfg.block_length)]
         forwards = [self.forwards_per_block(ctx, cfg, n) for n in lengths]
-        loop = float(ctx.extras.get("diffusion.loop_ms", 0.0)) * sum(forwards)
-        return self._forwards_ms(ctx, cfg, forwards, new) + loop
+        loop = state.loop_ms * sum(forwards)
+        return self._forwards_ms(ctx, state, cfg, forwards, new) + loop
 
 
 register_search_space(DiffusionBlocksSpace())

@@ -24,6 +24,7 @@ the workload's latency from the same two measurements.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -32,6 +33,7 @@ import torch
 from policies.sparsity import GROUPS, calibrate_thresholds, group_linears
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
+from search_spaces.sparsity_cost import Overheads
 
 ALLOCATIONS = ("uniform", "owl", "greedy", "free")
 CALIBRATION_REPEATS = 5  # interleaved decodes per configuration when calibrating the cost model's overheads
@@ -49,21 +51,42 @@ def owl_levels(outlier_ratios: list[float], level: float, lam: float) -> list[fl
     return [min(0.95, max(0.0, level + o - mean)) for o in offsets]
 
 
+def calibration_batches(ctx: SearchContext, tokenizer: Any, device: Any) -> list[torch.Tensor]:
+    """The calibration text (three held-out stdlib code samples, seed 2024) as token ids on `device`; shared
+    with the weight-sparsity space."""
+    texts = ctx.study_inputs().calibration_texts(3, seed=2024, n_chars=1500)
+    return [tokenizer(t, return_tensors="pt").input_ids.to(device) for t in texts]
+
+
+@dataclass
+class SparsityCalibration:
+    """What `prepare` measures (`ctx.prepared["sparsity"]`): the calibration batches thresholds are fitted
+    on, OWL's outlier ratios, this device's kernel profile and the runtime's calibrated overheads; plus
+    TEAL's greedy paths, searched on first use per method."""
+
+    model: Any  # the model the thresholds are calibrated on
+    batches: list[torch.Tensor]
+    outliers: list[float]  # per layer (`outlier_ratios`)
+    kernels: list[dict[str, Any]]  # `search_spaces.sparsity_profiler.profile_sparse_kernels` rows
+    overheads: Overheads | None = None  # None only while `prepare` calibrates them
+    greedy: dict[str, list] = field(default_factory=dict)  # method -> `sparsity_greedy.greedy_paths`
+
+
 class SparsitySpace(SearchSpace):
     name = "sparsity"
     quality_metric = "accuracy"
 
-    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> None:
-        """Calibration batches (held-out stdlib code) and each layer's outlier ratio (for OWL)."""
-        from tuner.tasks import code_samples
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> SparsityCalibration:
+        """Calibration batches (held-out stdlib code), each layer's outlier ratio (for OWL), the kernel profile
+        and the overheads of the runtime's masking and sparse paths."""
+        batches = calibration_batches(ctx, tokenizer, device)
+        calibration = SparsityCalibration(model=model, batches=batches, outliers=outlier_ratios(model, batches),
+                                          kernels=_save_kernel_profile(ctx, model))
+        calibration.overheads = self._calibrate_overheads(ctx, calibration, tokenizer, device)
+        return calibration
 
-        batches = [tokenizer(t, return_tensors="pt").input_ids.to(device)
-                   for t in code_samples(3, seed=2024, n_chars=1500)]
-        ctx.extras["sparsity.model"] = model
-        ctx.extras["sparsity.batches"] = batches
-        ctx.extras["sparsity.outliers"] = outlier_ratios(model, batches)
-        _save_kernel_profile(ctx, model)
-        ctx.extras["sparsity.overheads"] = self._calibrate_overheads(ctx, model, tokenizer, device)
+    def _calibration(self, ctx: SearchContext) -> SparsityCalibration:
+        return ctx.prepared_state(self.name, SparsityCalibration)
 
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         n = ctx.num_layers
@@ -79,24 +102,28 @@ class SparsitySpace(SearchSpace):
             return self.section(ctx, method, levels_for(self.greedy_paths(ctx, method), level))
         if allocation == "owl":
             lam = trial.suggest_float("sparsity.lambda", 0.02, 0.15)
-            levels = owl_levels(ctx.extras.get("sparsity.outliers") or [0.0] * n, level, lam)
+            levels = owl_levels(self._calibration(ctx).outliers or [0.0] * n, level, lam)
         else:
             levels = [level] * n
         return self.section(ctx, method, [[v] * len(GROUPS) for v in levels])
 
     def section(self, ctx: SearchContext, method: str, levels: list[list[float]]) -> dict[str, Any]:
-        """The policy section for per-layer [qkv, o, gate_up, down] `levels`, calibrated."""
+        """The policy section for per-layer [qkv, o, gate_up, down] `levels`, calibrated (RuntimeError when
+        `prepare` did not run: thresholds need the calibration batches)."""
+        return self._section(self._calibration(ctx), method, levels)
+
+    @staticmethod
+    def _section(calibration: SparsityCalibration, method: str, levels: list[list[float]]) -> dict[str, Any]:
         rows = [[round(float(v), 4) for v in row] for row in levels]
         section: dict[str, Any] = {"method": method, "levels": rows}
-        model, batches = ctx.extras.get("sparsity.model"), ctx.extras.get("sparsity.batches")
-        if model is None or not batches:
+        if not calibration.batches:
             raise RuntimeError("sparsity: prepare() must run before sections can be calibrated")
-        thresholds = calibrate_thresholds(model, batches, [dict(zip(GROUPS, row, strict=True)) for row in rows],
-                                          method=method)
+        thresholds = calibrate_thresholds(calibration.model, calibration.batches,
+                                          [dict(zip(GROUPS, row, strict=True)) for row in rows], method=method)
         section["thresholds"] = [[round(t.get(g, 0.0), 6) for g in GROUPS] for t in thresholds]
-        profile = ctx.extras.get("sparsity.kernels")
+        profile = calibration.kernels
         if profile:
-            kernels = choose_kernels(profile, rows, ctx.extras.get("sparsity.overheads"))
+            kernels = choose_kernels(profile, rows, calibration.overheads)
             if any(k != "dense" for row in kernels for k in row):
                 section["kernels"] = kernels
         return section
@@ -106,51 +133,55 @@ class SparsitySpace(SearchSpace):
         calibrated overheads (`search_spaces.sparsity_cost`)."""
         from search_spaces.sparsity_cost import KernelTable, predict_latency_ms
 
-        overheads, profile = ctx.extras.get("sparsity.overheads"), ctx.extras.get("sparsity.kernels")
-        baseline = ctx.extras.get("baseline", {})
-        if overheads is None or not profile or "ttft_ms" not in baseline or "latency_ms" not in baseline:
+        calibration = ctx.prepared_or_none(self.name, SparsityCalibration)
+        if calibration is None or calibration.overheads is None or not calibration.kernels:
             return None
-        return predict_latency_ms(section, KernelTable(profile), overheads, baseline,
-                                  int(ctx.workload["new_tokens"]), ctx.extras.get("objective", "latency_ms"))
+        ttft, latency = ctx.baseline_ms("ttft_ms"), ctx.baseline_ms("latency_ms")
+        if ttft is None or latency is None:
+            return None
+        return predict_latency_ms(section, KernelTable(calibration.kernels), calibration.overheads,
+                                  {"ttft_ms": ttft, "latency_ms": latency}, int(ctx.workload["new_tokens"]),
+                                  ctx.objective)
 
     def greedy_paths(self, ctx: SearchContext, method: str) -> list:
-        """TEAL's greedy allocation paths for `method`: searched on first use, cached in the context and as
-        `sparsity-greedy-<method>.json` beside the study (a resumed study does not search again)."""
+        """TEAL's greedy allocation paths for `method`: searched on first use, cached in the calibration and
+        as `sparsity-greedy-<method>.json` beside the study (a resumed study does not search again)."""
         import json
 
         from search_spaces.sparsity_greedy import greedy_paths
 
-        key = f"sparsity.greedy.{method}"
-        if key in ctx.extras:
-            return ctx.extras[key]
-        artefacts = ctx.extras.get("artefacts")
+        calibration = self._calibration(ctx)
+        if method in calibration.greedy:
+            return calibration.greedy[method]
+        artefacts = ctx.artefacts
         cached = artefacts / f"sparsity-greedy-{method}.json" if artefacts is not None else None
         if cached is not None and cached.is_file():
             paths = json.loads(cached.read_text())
         else:
-            paths = greedy_paths(ctx.extras["sparsity.model"], ctx.extras["sparsity.batches"], method=method)
+            paths = greedy_paths(calibration.model, calibration.batches, method=method)
             if cached is not None:
                 tmp = cached.with_suffix(".tmp")
                 tmp.write_text(json.dumps(paths))
                 tmp.replace(cached)
-        ctx.extras[key] = paths
+        calibration.greedy[method] = paths
         return paths
 
-    def _calibrate_overheads(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> Any:
+    def _calibrate_overheads(self, ctx: SearchContext, calibration: SparsityCalibration, tokenizer: Any,
+                             device: Any) -> Overheads:
         """Measure dense, all-groups-masked (50%, dense kernel) and all-groups-sparse (80%, each group's fastest
         sparse kernel) decodes of this model on this device, for the cost model's per-group overheads."""
-        from policies.sparsity import SparsityRuntime
         from policies.runtime import apply_policy
+        from policies.sparsity import SparsityRuntime
         from search_spaces.sparsity_cost import KernelTable, calibrate
-        from tuner.measure import measure_generation
-        from tuner.workload import timing_input_ids
 
+        inputs = ctx.study_inputs()
+        model = calibration.model
         n, new_tokens = ctx.num_layers, max(8, min(int(ctx.workload["new_tokens"]), 32))
-        input_ids = timing_input_ids(tokenizer, int(ctx.workload["prompt_tokens"]), device)
-        table = KernelTable(ctx.extras["sparsity.kernels"])
-        masked = self.section(ctx, "teal", [[0.5] * len(GROUPS)] * n)
+        input_ids = inputs.timing_ids(tokenizer, int(ctx.workload["prompt_tokens"]), device)
+        table = KernelTable(calibration.kernels)
+        masked = self._section(calibration, "teal", [[0.5] * len(GROUPS)] * n)
         masked.pop("kernels", None)
-        sparse = self.section(ctx, "teal", [[0.8] * len(GROUPS)] * n)
+        sparse = self._section(calibration, "teal", [[0.8] * len(GROUPS)] * n)
         sparse["kernels"] = [[table.fastest_sparse(i, g, 0.8) for g in GROUPS] for i in range(n)]
 
         configs = {"dense": None, "masked": masked, "sparse": sparse}
@@ -160,12 +191,11 @@ class SparsitySpace(SearchSpace):
                 undo = SparsityRuntime().apply(model, section) if section is not None else None
                 try:
                     with apply_policy(model, None) as dense:
-                        m = measure_generation(dense.generate, input_ids, new_tokens, device, repeats=1,
-                                               peak_memory=False)
+                        ttft_ms, latency_ms = inputs.time_generation(dense.generate, input_ids, new_tokens, device)
                 finally:
                     if undo is not None:
                         undo.remove()
-                samples[name].append((m.ttft_ms, (m.latency_ms - m.ttft_ms) / (new_tokens - 1)))
+                samples[name].append((ttft_ms, (latency_ms - ttft_ms) / (new_tokens - 1)))
         medians = {name: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
                    for name, v in samples.items()}
         return calibrate(medians, masked, sparse, table)
@@ -174,10 +204,10 @@ class SparsitySpace(SearchSpace):
         presets = []
         for level in (0.4, 0.5):
             params = {"sparsity.method": "teal", "sparsity.allocation": "uniform", "sparsity.level": level}
-            try:
-                section = self.section(ctx, "teal", [[level] * len(GROUPS)] * ctx.num_layers)
-            except RuntimeError:
+            calibration = ctx.prepared_or_none(self.name, SparsityCalibration)
+            if calibration is None:
                 continue  # not prepared (e.g. `bench` without a study): the presets need calibration
+            section = self._section(calibration, "teal", [[level] * len(GROUPS)] * ctx.num_layers)
             presets.append(Preset(f"teal-{round(level * 100)}", params, section,
                                   f"TEAL uniform {round(level * 100)}% on every projection's input"))
         return presets
@@ -209,20 +239,20 @@ def choose_kernels(profile: list[dict[str, Any]], levels: list[list[float]],
     return out
 
 
-def _save_kernel_profile(ctx: SearchContext, model: Any) -> None:
-    """Profile the sparse kernels against dense for this model's group shapes on this device; keep the rows
-    in the context and write `sparsity-kernels.csv` beside the study (the report plots the break-even)."""
+def _save_kernel_profile(ctx: SearchContext, model: Any) -> list[dict[str, Any]]:
+    """Profile the sparse kernels against dense for this model's group shapes on this device; return the rows
+    and write `sparsity-kernels.csv` beside the study (the report plots the break-even)."""
     import pandas as pd
 
     from search_spaces.sparsity_profiler import profile_sparse_kernels
 
     rows = profile_sparse_kernels(model)
-    ctx.extras["sparsity.kernels"] = rows
-    artefacts = ctx.extras.get("artefacts")
+    artefacts = ctx.artefacts
     if artefacts is not None:
         tmp = artefacts / "sparsity-kernels.csv.tmp"
         pd.DataFrame(rows).to_csv(tmp, index=False)
         tmp.replace(artefacts / "sparsity-kernels.csv")
+    return rows
 
 
 def outlier_ratios(model: Any, batches: list[torch.Tensor], m: float = OWL_M) -> list[float]:

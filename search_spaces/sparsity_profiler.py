@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from policies.sparsity import group_linears
 from policies.sparse_kernels import SPARSE_KERNELS, magnitude_keep
+from policies.sparsity import group_linears
 
 DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -27,31 +27,50 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import torch
 
 from search_spaces import register_search_space
-from search_spaces.base import Preset, SearchContext, SearchSpace
+from search_spaces.base import Preset, SearchContext, SearchSpace, StudyInputs
 from search_spaces.speculative_trees import branching_tree, chain_tree, expected_accepted, sequoia_tree
 
 MAX_RANK = 8
 RECYCLE_K = 8  # >= the widest node any sampled shape has (branching <= 4, Sequoia over MAX_RANK ranks)
 MAX_BUDGET = 64
 SHAPES = ("sequoia", "chain", "branching")
-#: Draft models known for built-in targets (a target's own draft is a property of the model pair).
-KNOWN_DRAFTS = {"builtin:tiny": "builtin:tiny-draft"}
 
 
-def default_draft_model(model_id: str | None) -> str | None:
-    """The draft model known for `model_id`, when its checkpoint is present."""
-    draft = KNOWN_DRAFTS.get(model_id or "")
-    if draft is None:
-        return None
-    from tuner.builtin import get_builtin_model
+@dataclass
+class SpeculativeCalibration:
+    """What `prepare` measures on this device for the cost model (`ctx.prepared["speculative"]`), and the
+    acceptance vectors computed from it on first use (one model pass per drafter, so cached here).
 
-    return draft if (get_builtin_model(draft).checkpoint / "config.json").is_file() else None
+    Curves are `search_spaces.speculative_profiler.profile_verify` rows; the overheads are milliseconds."""
+
+    model: Any  # the target: acceptance of each drafter is measured on first use against it
+    verify: list[dict[str, Any]]  # the target's verify curve
+    skip_all: list[dict[str, Any]] | None = None  # the target with layer 0 only (None: a one-layer model)
+    draft: list[dict[str, Any]] | None = None  # the draft model's curve (None: no draft model)
+    #: (prompt, target greedy continuation) pairs the acceptance is measured on (`calibration_sequences`)
+    sequences: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    step_overhead_ms: float = 0.0  # the decode loop's own time per step beyond the verify forward
+    #: Per-forward bookkeeping of each model drafter beyond its profiled forward; measured whenever the
+    #: drafter's curve is (`skip_all`, `draft`), and only read then.
+    layer_skip_overhead_ms: float = 0.0
+    draft_model_overhead_ms: float = 0.0
+    #: Positional acceptance vector per drafter key (`draft_model`, `recycle`, `skip:<layers>`), filled lazily.
+    acceptance: dict[str, list[float]] = field(default_factory=dict)
+
+    def per_forward_overhead_ms(self, drafter: str) -> float:
+        """The measured per-forward overhead of model drafter `drafter` ("draft_model" or "layer_skip")."""
+        if drafter == "draft_model":
+            return self.draft_model_overhead_ms
+        if drafter == "layer_skip":
+            return self.layer_skip_overhead_ms
+        raise ValueError(f"speculative: drafter {drafter!r} has no per-forward overhead (not a model drafter)")
 
 
 def tree_from_params(params: dict[str, Any], acceptance: Sequence[float] | None) -> tuple[list[int], dict[str, Any]]:
@@ -89,7 +108,12 @@ class SpeculativeSpace(SearchSpace):
 
     @staticmethod
     def _draft_spec(ctx: SearchContext) -> str | None:
-        return ctx.extras.get("draft_model") or default_draft_model(ctx.extras.get("model_id"))
+        """The draft model the tuner chose (`--draft-model`, else the one known for the target), or None."""
+        return ctx.draft_model
+
+    def _calibration(self, ctx: SearchContext) -> SpeculativeCalibration | None:
+        """This study's measurements, or None when `prepare` did not run (sampling still works, unmodelled)."""
+        return ctx.prepared_or_none(self.name, SpeculativeCalibration)
 
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         n_layers = ctx.num_layers
@@ -140,7 +164,7 @@ class SpeculativeSpace(SearchSpace):
                        "node_budget": MAX_BUDGET}
             return [Preset("prompt-lookup", params, section, "HF prompt lookup defaults: 10 tokens, n-grams <= 2")]
         chain = {"speculative.drafter": "draft_model", "speculative.shape": "chain", "speculative.chain.k": 5}
-        seeded = [self.hardware_seed(ctx, draft)] if "speculative.verify" in ctx.extras else []
+        seeded = [self.hardware_seed(ctx, draft)] if self._calibration(ctx) is not None else []
         return [p for p in seeded if p is not None] + [
             Preset("chain-k5", chain, {"drafter": "draft_model", "draft_model": draft, "node_budget": MAX_BUDGET,
                                        "tree": {"kind": "static", "parents": chain_tree(5)},
@@ -187,60 +211,64 @@ class SpeculativeSpace(SearchSpace):
                       "Sequoia: DP tree for the measured acceptance, size chosen on this device's verify curve")
 
     # -- profile and cost model -----------------------------------------------------------------------------
-    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: torch.device) -> None:
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any,
+                device: torch.device) -> SpeculativeCalibration:
         """Measure the verify curves and the calibration sequences the cost model needs (once per study)."""
         from search_spaces.speculative_profiler import profile_verify
 
+        inputs = ctx.study_inputs()
         prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
         kv = sorted({prompt, prompt + new})
-        ctx.extras["speculative.verify"] = profile_verify(model, device, kv)
+        calibration = SpeculativeCalibration(model=model, verify=profile_verify(model, device, kv))
         from policies.drafters import LayerSkipLM
 
         n_layers = ctx.num_layers
         if n_layers > 1:
-            ctx.extras["speculative.skip_all"] = profile_verify(LayerSkipLM(model, range(1, n_layers)), device, kv,
-                                                                vocab_size=model.config.vocab_size)
+            calibration.skip_all = profile_verify(LayerSkipLM(model, range(1, n_layers)), device, kv,
+                                                  vocab_size=model.config.vocab_size)
         draft = self._draft_spec(ctx)
         if draft is not None:
             from policies.speculative import draft_for
 
             # Checked first: a --draft-model with another tokenizer fails here, in one line, before any trial.
-            ctx.extras["speculative.draft"] = profile_verify(draft_for(draft, model), device, kv)
-        ctx.extras["speculative.sequences"] = calibration_sequences(model, tokenizer, device, ctx.workload)
-        ctx.extras["speculative.model"] = model
-        _save_profile(ctx)
-        self._measure_draft_overheads(ctx, model, device)
-        ctx.extras["speculative.step_overhead_ms"] = step_overhead_ms(model, tokenizer, device, ctx.workload,
-                                                                      ctx.extras["speculative.verify"])
+            calibration.draft = profile_verify(draft_for(draft, model), device, kv)
+        calibration.sequences = calibration_sequences(model, tokenizer, device, ctx.workload, inputs)
+        _save_profile(ctx, calibration)
+        self._measure_draft_overheads(ctx, calibration, device)
+        calibration.step_overhead_ms = step_overhead_ms(model, tokenizer, device, ctx.workload, calibration.verify,
+                                                        inputs)
+        return calibration
 
-    def _measure_draft_overheads(self, ctx: SearchContext, model: Any, device: torch.device) -> None:
+    def _measure_draft_overheads(self, ctx: SearchContext, calibration: SpeculativeCalibration,
+                                 device: torch.device) -> None:
         """Per-forward bookkeeping of each model drafter, on the first calibration prompt."""
         from policies.drafters import LayerSkipLM
         from search_spaces.speculative_profiler import VerifyCurve
 
-        prompt = ctx.extras["speculative.sequences"][0][0]
+        prompt = calibration.sequences[0][0]
         n_layers = ctx.num_layers
-        if "speculative.skip_all" in ctx.extras:
+        if calibration.skip_all is not None:
             middle = list(range(max(1, n_layers // 4), max(2, 3 * n_layers // 4)))
             section = {"drafter": "layer_skip", "skip_layers": middle}
-            curve = self._draft_curve(section, ctx)
-            ctx.extras["speculative.layer_skip_overhead_ms"] = draft_overhead_ms(LayerSkipLM(model, middle), prompt,
-                                                                                 curve)
-        if "speculative.draft" in ctx.extras:
+            curve = self._draft_curve(section, ctx, calibration)
+            calibration.layer_skip_overhead_ms = draft_overhead_ms(LayerSkipLM(calibration.model, middle), prompt,
+                                                                   curve)
+        if calibration.draft is not None:
             from policies.speculative import load_draft_model
 
             lm = load_draft_model(self._draft_spec(ctx), device)
-            ctx.extras["speculative.draft_model_overhead_ms"] = draft_overhead_ms(
-                lm, prompt, VerifyCurve(ctx.extras["speculative.draft"]))
+            calibration.draft_model_overhead_ms = draft_overhead_ms(lm, prompt, VerifyCurve(calibration.draft))
 
     def _acceptance(self, ctx: SearchContext, key: str, section: dict[str, Any]) -> list[float] | None:
-        """Positional acceptance vector of a model drafter (cached per drafter in the context)."""
-        cache = ctx.extras.setdefault("speculative.acceptance", {})
+        """Positional acceptance vector of a model drafter (cached per drafter in the calibration); None
+        when `prepare` did not run."""
+        calibration = self._calibration(ctx)
+        if calibration is None or not calibration.sequences:
+            return None
+        cache = calibration.acceptance
         if key in cache:
             return cache[key]
-        model, sequences = ctx.extras.get("speculative.model"), ctx.extras.get("speculative.sequences")
-        if model is None or not sequences:
-            return None
+        model, sequences = calibration.model, calibration.sequences
         if section["drafter"] == "recycle":
             cache[key] = recycle_acceptance(model, sequences, int(section.get("recycle", {}).get("k", RECYCLE_K)))
             return cache[key]
@@ -257,29 +285,32 @@ class SpeculativeSpace(SearchSpace):
 
     def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
         """Predicted end-to-end latency (or TTFT) of generating the workload with `section` on this device."""
-        objective = ctx.extras.get("objective", "latency_ms")
-        baseline = ctx.extras.get("baseline", {})
-        if "speculative.verify" not in ctx.extras or "ttft_ms" not in baseline:
+        ttft = ctx.baseline_ms("ttft_ms")
+        if self._calibration(ctx) is None or ttft is None:
             return None
-        if objective == "ttft_ms":
-            return float(baseline["ttft_ms"])
+        if ctx.objective == "ttft_ms":
+            return ttft
         per_step = self.step_model(section, ctx)
         if per_step is None:
             return None
         tokens, step_ms = per_step
-        return float(baseline["ttft_ms"]) + (int(ctx.workload["new_tokens"]) - 1) / tokens * step_ms
+        return ttft + (int(ctx.workload["new_tokens"]) - 1) / tokens * step_ms
 
     def step_model(self, section: dict[str, Any], ctx: SearchContext) -> tuple[float, float] | None:
-        """(expected tokens per step, predicted ms per step) of `section`, or None without a model for it."""
+        """(expected tokens per step, predicted ms per step) of `section`, or None without a model for it
+        (`prepare` did not run, or nothing measured for this drafter)."""
         from search_spaces.speculative_profiler import VerifyCurve
 
+        calibration = self._calibration(ctx)
+        if calibration is None:
+            return None
         kv = int(ctx.workload["prompt_tokens"]) + int(ctx.workload["new_tokens"]) / 2
-        verify = VerifyCurve(ctx.extras["speculative.verify"])
-        overhead = float(ctx.extras.get("speculative.step_overhead_ms", 0.0))
+        verify = VerifyCurve(calibration.verify)
+        overhead = calibration.step_overhead_ms
         if section["drafter"] == "prompt_lookup":
-            if not ctx.extras.get("speculative.sequences"):
+            if not calibration.sequences:
                 return None
-            tokens, tree_size = self._lookup_model(section, ctx)
+            tokens, tree_size = self._lookup_model(section, calibration)
             return tokens, verify.ms(tree_size + 1, kv) + overhead
         tree = section.get("tree", {})
         if tree.get("kind") != "static":
@@ -292,51 +323,53 @@ class SpeculativeSpace(SearchSpace):
         if section["drafter"] == "recycle":  # no draft forward: the tree comes from a table lookup
             tokens, size = 1 + expected_accepted(parents, acc), float(len(parents))
             if "prompt_lookup" in section:  # merged lookup branch: roughly the better of the two, both verified
-                lookup_tokens, lookup_size = self._lookup_model(section, ctx)
+                lookup_tokens, lookup_size = self._lookup_model(section, calibration)
                 tokens, size = max(tokens, lookup_tokens), size + lookup_size
             return tokens, verify.ms(size + 1, kv) + overhead
-        draft_curve = self._draft_curve(section, ctx)
+        draft_curve = self._draft_curve(section, ctx, calibration)
         if draft_curve is None:
             return None
         tokens = 1 + expected_accepted(parents, acc)
-        per_forward = float(ctx.extras.get(f"speculative.{section['drafter']}_overhead_ms", 0.0))
+        per_forward = calibration.per_forward_overhead_ms(section["drafter"])
         drafting = draft_ms(parents, draft_curve, kv, tokens, per_forward)
         return tokens, drafting + verify.ms(len(parents) + 1, kv) + overhead
 
     @staticmethod
-    def _lookup_model(section: dict[str, Any], ctx: SearchContext) -> tuple[float, float]:
+    def _lookup_model(section: dict[str, Any], calibration: SpeculativeCalibration) -> tuple[float, float]:
         """(tokens per step, mean tree size) of the section's prompt lookup, simulated on the calibration text."""
         from policies.drafters import PromptLookupDrafter
 
         drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
                                          **section.get("prompt_lookup", {})})
-        return lookup_simulation(drafter, ctx.extras.get("speculative.sequences") or [])
+        return lookup_simulation(drafter, calibration.sequences)
 
-    def _draft_curve(self, section: dict[str, Any], ctx: SearchContext) -> Any:
+    def _draft_curve(self, section: dict[str, Any], ctx: SearchContext, calibration: SpeculativeCalibration) -> Any:
+        """The drafter's forward curve: the draft model's, or for a layer skip the fully-skipped target's
+        moved toward the full target's in proportion to the layers it keeps; None when not measured."""
         from search_spaces.speculative_profiler import VerifyCurve
 
         if section["drafter"] == "draft_model":
-            rows = ctx.extras.get("speculative.draft")
+            rows = calibration.draft
             return None if rows is None else VerifyCurve(rows)
-        rows_one = ctx.extras.get("speculative.skip_all")
+        rows_one = calibration.skip_all
         if rows_one is None:
             return None
         kept = ctx.num_layers - len(section["skip_layers"])
-        full = {(r["n_query"], r["n_kv"]): r["ms"] for r in ctx.extras["speculative.verify"]}
+        full = {(r["n_query"], r["n_kv"]): r["ms"] for r in calibration.verify}
         w = (kept - 1) / max(1, ctx.num_layers - 1)
         return VerifyCurve([{**r, "ms": (1 - w) * r["ms"] + w * full[(r["n_query"], r["n_kv"])]} for r in rows_one])
 
 
-def _save_profile(ctx: SearchContext) -> None:
+def _save_profile(ctx: SearchContext, calibration: SpeculativeCalibration) -> None:
     """Write the verify curves beside the study (`speculative-verify.csv`) for reports and inspection."""
     import pandas as pd
 
-    artefacts = ctx.extras.get("artefacts")
+    artefacts = ctx.artefacts
     if artefacts is None:
         return
-    frames = [pd.DataFrame(ctx.extras[key]).assign(model=name) for key, name in
-              (("speculative.verify", "target"), ("speculative.skip_all", "target, layer 0 only"),
-               ("speculative.draft", "draft")) if key in ctx.extras]
+    frames = [pd.DataFrame(rows).assign(model=name) for rows, name in
+              ((calibration.verify, "target"), (calibration.skip_all, "target, layer 0 only"),
+               (calibration.draft, "draft")) if rows is not None]
     tmp = artefacts / "speculative-verify.csv.tmp"
     pd.concat(frames).to_csv(tmp, index=False)
     tmp.replace(artefacts / "speculative-verify.csv")
@@ -389,7 +422,7 @@ def draft_overhead_ms(lm: Any, prompt: Sequence[int], curve: Any, depth: int = 4
 
 
 def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload: dict[str, Any],
-                     verify_rows: Sequence[dict[str, Any]], steps: int = 16) -> float:
+                     verify_rows: Sequence[dict[str, Any]], inputs: StudyInputs, steps: int = 16) -> float:
     """Per-step time of the decode loop beyond the verify forward: the loop run with a drafter that never
     proposes (one token per step), minus the verify curve's one-token time. Calibrates the cost model for the
     Python work around each forward (acceptance, cache bookkeeping) on this device."""
@@ -399,9 +432,8 @@ def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload:
     from policies.speculative import speculative_generate
     from profilers.timing import synchronize
     from search_spaces.speculative_profiler import VerifyCurve
-    from tuner.workload import timing_input_ids
 
-    ids = timing_input_ids(tokenizer, int(workload["prompt_tokens"]), device)
+    ids = inputs.timing_ids(tokenizer, int(workload["prompt_tokens"]), device)
     never = PromptLookupDrafter(min_ngram=10**9, max_ngram=10**9)
 
     def run(n: int) -> float:
@@ -419,19 +451,17 @@ def step_overhead_ms(model: Any, tokenizer: Any, device: torch.device, workload:
 
 # -- calibration -----------------------------------------------------------------------------------------------
 def calibration_sequences(model: Any, tokenizer: Any, device: torch.device, workload: dict[str, Any],
-                          n_new: int | None = None) -> list[tuple[list[int], list[int]]]:
+                          inputs: StudyInputs, n_new: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt, target greedy continuation) pairs: the workload's timing prompt, a needle and a pattern
-    prompt and a free-text (code) prompt. Acceptance is measured on the target's own continuations, the
-    text speculative decoding actually verifies."""
-    from tuner.tasks import code_samples, get_task
-    from tuner.workload import timing_input_ids
-
+    prompt and a free-text (code) prompt (all from the tuner's `inputs`). Acceptance is measured on the
+    target's own continuations, the text speculative decoding actually verifies."""
     n_new = n_new or max(32, int(workload["new_tokens"]))
-    prompts = [timing_input_ids(tokenizer, int(workload["prompt_tokens"]), device)]
+    prompts = [inputs.timing_ids(tokenizer, int(workload["prompt_tokens"]), device)]
     for task in ("needle", "pattern"):
-        example = get_task(task).examples(1, seed=7)[0]
+        example = inputs.task_examples(task, 1, seed=7)[0]
         prompts.append(tokenizer(example.prompt, return_tensors="pt").input_ids.to(device))
-    prompts.append(tokenizer(code_samples(1, seed=7, n_chars=800)[0], return_tensors="pt").input_ids.to(device))
+    prompts.append(tokenizer(inputs.calibration_texts(1, seed=7, n_chars=800)[0],
+                             return_tensors="pt").input_ids.to(device))
     out = []
     with torch.inference_mode():
         for ids in prompts:

@@ -162,17 +162,19 @@ class TokenRetentionSpace(SearchSpace):
                    "PyramidDrop stages L/4, L/2, 3L/4, lambda 0.5"),
         ]
 
-    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> None:
-        """Calibrate the cost model on real generate calls (see `calibrate`); needs the profile's curves."""
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> TokenRetentionState:
+        """Calibrate the cost model on real generate calls (see `calibrate`); needs the profile's curves
+        (without them: no calibration, and no cost model either)."""
         if ctx.curves is None:
-            return
-        calibration = ctx.extras[CALIBRATION_KEY] = calibrate(ctx, model, device)
-        artefacts = ctx.extras.get("artefacts")
+            return TokenRetentionState(calibration=None)
+        calibration = calibrate(ctx, model, device)
+        artefacts = ctx.artefacts
         if artefacts is not None:  # beside the study, for anyone asking why a trial was predicted as it was
             path = Path(artefacts) / "token_retention_calibration.json"
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(asdict(calibration), indent=2))
             os.replace(tmp, path)
+        return TokenRetentionState(calibration=calibration)
 
     def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
         """Predicted objective (TTFT, or end-to-end latency with decode) of `section` on this device."""
@@ -182,7 +184,6 @@ class TokenRetentionSpace(SearchSpace):
         return cost.predict(section)
 
 
-CALIBRATION_KEY = "token_retention.calibration"
 CALIBRATION_REPEATS = 5
 
 
@@ -368,18 +369,17 @@ class RetentionCostModel:
     kept tokens plus those decoded so far, pruned layers).
 
     Without a calibration (a context that was not prepared) the fits degrade to one offset: dense measured
-    minus dense predicted, from the study's baseline."""
+    minus dense predicted, from the study's baseline (none measured: no offset)."""
 
-    def __init__(self, ctx: SearchContext):
+    def __init__(self, ctx: SearchContext, calibration: RetentionCalibration | None):
         self.curves = _Curves(ctx)
         self.n_layers = ctx.num_layers
         self.prompt = int(ctx.workload["prompt_tokens"])
         self.new_tokens = int(ctx.workload["new_tokens"])
-        self.objective = ctx.extras.get("objective", "ttft_ms")
-        calibration = ctx.extras.get(CALIBRATION_KEY)
+        self.objective = ctx.objective
         if calibration is None:
             dense = [self.prompt] * self.n_layers
-            measured = ctx.extras.get("baseline", {}).get(self.objective)
+            measured = ctx.baseline_ms(self.objective)
             offset = 0.0 if measured is None else float(measured) - self._uncalibrated_ms(dense)
             calibration = RetentionCalibration(LinearCost(fixed_ms=offset), LinearCost())
         self.calibration = calibration
@@ -404,10 +404,23 @@ class RetentionCostModel:
         return self.predict_counts(kept_counts_for_section(section, self.prompt))
 
 
+@dataclass
+class TokenRetentionState:
+    """What `prepare` returns (`ctx.prepared["token_retention"]`): the calibration (None without curves), and
+    the cost model built from it on the first prediction (grouping the curves once keeps predictions cheap
+    inside a study; built then, since it reads the baseline and objective the tuner sets after `prepare`)."""
+
+    calibration: RetentionCalibration | None
+    cost_model: RetentionCostModel | None = None
+
+
 def _cost_model(ctx: SearchContext) -> RetentionCostModel:
-    """One cost model per context (grouping the curves once keeps predictions cheap inside a study)."""
-    model = ctx.extras.get("_token_retention_cost")
-    if model is None:
-        model = ctx.extras["_token_retention_cost"] = RetentionCostModel(ctx)
-    return model
+    """The prepared context's cached cost model; an unprepared context (tests, a one-off prediction) gets an
+    uncalibrated one, built per call."""
+    state = ctx.prepared_or_none(TokenRetentionSpace.name, TokenRetentionState)
+    if state is None:
+        return RetentionCostModel(ctx, calibration=None)
+    if state.cost_model is None:
+        state.cost_model = RetentionCostModel(ctx, state.calibration)
+    return state.cost_model
 register_search_space(TokenRetentionSpace())

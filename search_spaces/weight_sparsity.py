@@ -23,34 +23,41 @@ every trial's latency is the dense latency; the study is a search for the qualit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import torch
 
 from policies.sparsity import GROUPS
 from policies.weight_sparsity import METHODS, encode_norms, input_norms
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
-from search_spaces.sparsity import outlier_ratios, owl_levels
+from search_spaces.sparsity import calibration_batches, outlier_ratios, owl_levels
 
 ALLOCATIONS = ("uniform", "owl")
 PRESET_LEVEL = 0.5
+
+
+@dataclass
+class WeightSparsityCalibration:
+    """What `prepare` measures (`ctx.prepared["weight_sparsity"]`): the calibration batches Wanda's norms are
+    computed on, and OWL's per-layer outlier ratios."""
+
+    model: Any  # the model Wanda's norms are calibrated on
+    batches: list[torch.Tensor]
+    outliers: list[float]
 
 
 class WeightSparsitySpace(SearchSpace):
     name = "weight_sparsity"
     quality_metric = "accuracy"
 
-    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> None:
+    def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> WeightSparsityCalibration:
         """Calibration batches (held-out stdlib code, as for activation sparsity) and each layer's outlier
         ratio (for OWL)."""
-        from tuner.tasks import code_samples
-
-        batches = [tokenizer(t, return_tensors="pt").input_ids.to(device)
-                   for t in code_samples(3, seed=2024, n_chars=1500)]
-        ctx.extras["weight_sparsity.model"] = model
-        ctx.extras["weight_sparsity.batches"] = batches
-        ctx.extras["weight_sparsity.outliers"] = outlier_ratios(model, batches)
+        batches = calibration_batches(ctx, tokenizer, device)
+        return WeightSparsityCalibration(model=model, batches=batches, outliers=outlier_ratios(model, batches))
 
     def suggest(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
         n = ctx.num_layers
@@ -59,7 +66,8 @@ class WeightSparsitySpace(SearchSpace):
         level = trial.suggest_float("weight_sparsity.level", 0.1, 0.7)
         if allocation == "owl":
             lam = trial.suggest_float("weight_sparsity.lambda", 0.02, 0.15)
-            levels = owl_levels(ctx.extras.get("weight_sparsity.outliers") or [0.0] * n, level, lam)
+            calibration = ctx.prepared_state(self.name, WeightSparsityCalibration)
+            levels = owl_levels(calibration.outliers or [0.0] * n, level, lam)
         else:
             levels = [level] * n
         return self.section(ctx, method, levels)
@@ -70,10 +78,10 @@ class WeightSparsitySpace(SearchSpace):
         rows = [[round(float(v), 4)] * len(GROUPS) for v in levels]
         section: dict[str, Any] = {"method": method, "levels": rows}
         if method == "wanda":
-            model, batches = ctx.extras.get("weight_sparsity.model"), ctx.extras.get("weight_sparsity.batches")
-            if model is None or not batches:
+            calibration = ctx.prepared_or_none(self.name, WeightSparsityCalibration)
+            if calibration is None or not calibration.batches:
                 raise RuntimeError("weight_sparsity: prepare() must run before Wanda sections can be calibrated")
-            norms = input_norms(model, batches, levels=rows)
+            norms = input_norms(calibration.model, calibration.batches, levels=rows)
             section["norms"] = [[encode_norms(layer[g]) for g in GROUPS] for layer in norms]
         return section
 

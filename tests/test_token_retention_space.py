@@ -21,9 +21,10 @@ from search_spaces.token_retention import (
 PATH = "techniques.token_retention"
 
 
-def _ctx(n_layers: int, curves: pd.DataFrame | None = None, **extras) -> SearchContext:
+def _ctx(n_layers: int, curves: pd.DataFrame | None = None, objective: str = "ttft_ms",
+         baseline: dict[str, float] | None = None, prepared: dict[str, object] | None = None) -> SearchContext:
     return SearchContext(model_fingerprint={"num_layers": n_layers}, workload={"prompt_tokens": 1024, "new_tokens": 8},
-                         device={}, curves=curves, extras=dict(extras))
+                         device={}, curves=curves, objective=objective, baseline=baseline, prepared=prepared or {})
 
 
 def test_pmod_preset_reproduces_the_published_schedule():
@@ -113,11 +114,12 @@ def test_reference_schedules_are_valid_and_separate_the_terms():
 
 
 def test_calibrated_cost_model_charges_drop_points():
-    from search_spaces.token_retention import CALIBRATION_KEY, LinearCost, RetentionCalibration
+    from search_spaces.token_retention import LinearCost, RetentionCalibration, TokenRetentionState
 
     space = get_search_space("token_retention")
     calibration = RetentionCalibration(prefill=LinearCost(1.0, 0.5, 2.0), decode_step=LinearCost(1.0, 0.01, 0.0))
-    ctx = _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={"ttft_ms": 99.0}, **{CALIBRATION_KEY: calibration})
+    ctx = _ctx(4, _linear_curves(4), objective="ttft_ms", baseline={"ttft_ms": 99.0},
+               prepared={"token_retention": TokenRetentionState(calibration)})
     dense = {"keep": [1.0] * 4, "scorer": "attention", "window": 8, "sinks": 4}
     assert space.predict_ms(dense, ctx) == pytest.approx(4 * 10.24 + 2.0)  # the calibration, not the baseline
     one_drop = dict(dense, keep=[1.0, 0.5, 0.5, 0.5])
@@ -129,15 +131,16 @@ def test_calibrated_cost_model_charges_drop_points():
 def test_calibrate_measures_the_reference_schedules_on_a_real_model(tmp_path):
     from policies.testing import tiny_llama
     from profilers.layer_profiler import profile_curves
-    from search_spaces.token_retention import CALIBRATION_KEY
+    from search_spaces.token_retention import TokenRetentionState
 
     model = tiny_llama(layers=4)
     curves = profile_curves(model, "cpu", prefill_tokens=(16, 64, 128), decode_kv_tokens=(128,), warmup=1, repeats=2)
     ctx = SearchContext(model_fingerprint={"num_layers": 4}, workload={"prompt_tokens": 128, "new_tokens": 3},
-                        device={}, curves=curves, extras={"artefacts": tmp_path})
+                        device={}, curves=curves, artefacts=tmp_path, objective="ttft_ms")
     space = get_search_space("token_retention")
-    space.prepare(ctx, model, None, "cpu")
-    calibration = ctx.extras[CALIBRATION_KEY]
+    state = ctx.prepared["token_retention"] = space.prepare(ctx, model, None, "cpu")
+    assert isinstance(state, TokenRetentionState) and state.calibration is not None
+    calibration = state.calibration
     assert [p["schedule"] for p in calibration.points] == ["dense", "light", "one_drop", "medium", "steep"]
     assert all(p["ttft_ms"] > 0 and p["decode_step_ms"] > 0 for p in calibration.points)
     saved = json.loads((tmp_path / "token_retention_calibration.json").read_text())

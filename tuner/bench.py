@@ -28,7 +28,7 @@ from tuner.measure import (
     summarize,
     time_generate,
 )
-from tuner.models import load_model
+from tuner.models import default_draft_model, load_model
 from tuner.quality import QualityConfig, QualityHarness
 from tuner.workload import Workload, timing_input_ids
 
@@ -94,9 +94,11 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         # Refuses a policy for another model before any timing.
         apply_policy(loaded.model, policy).remove()
         variants.append(Variant("policy", policy))
+        # No `prepare` here (no study): presets that need its measurements are skipped by their spaces.
         ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), workload=workload.as_dict(),
-                            device=device.to_dict(), extras={"model_id": loaded.model_id, "model": loaded.model,
-                                                            "tokenizer": loaded.tokenizer})
+                            device=device.to_dict(), model_id=loaded.model_id,
+                            draft_model=default_draft_model(loaded.model_id), model=loaded.model,
+                            tokenizer=loaded.tokenizer)
         if with_presets:
             variants.extend(_preset_variants(policy, ctx))
         if with_peers:

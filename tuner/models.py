@@ -22,6 +22,21 @@ from policies.checkpoints import register_checkpoint_resolver
 BUILTIN_PREFIX = "builtin:"
 
 
+#: Draft models known for built-in targets (a target's own draft is a property of the model pair).
+KNOWN_DRAFTS = {"builtin:tiny": "builtin:tiny-draft"}
+
+
+def default_draft_model(model_id: str | None) -> str | None:
+    """The draft model known for `model_id`, when its checkpoint is present: what `tune` and `bench` put in
+    `SearchContext.draft_model` when no `--draft-model` is given (the search space only reads the field)."""
+    draft = KNOWN_DRAFTS.get(model_id or "")
+    if draft is None:
+        return None
+    from tuner.builtin import get_builtin_model
+
+    return draft if (get_builtin_model(draft).checkpoint / "config.json").is_file() else None
+
+
 class ModelSpecError(ValueError):
     """The --model value names nothing loadable (bad builtin name, missing directory)."""
 

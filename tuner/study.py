@@ -40,7 +40,7 @@ class StudyConfigError(ValueError):
 
 @dataclass
 class TrialOutcome:
-    """What an evaluated trial reports: objective values, budget constraint (<= 0 feasible), extras."""
+    """What an evaluated trial reports: objective values, budget constraint (<= 0 feasible), user attributes."""
 
     values: Sequence[float]
     constraint: float | None = None

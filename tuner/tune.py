@@ -23,7 +23,7 @@ from policies.store import model_slug
 from profilers.device import DeviceFingerprint, resolve_device, torch_device
 from search_spaces import SearchContext, SearchSpace, get_search_space
 from tuner.measure import GenerationMeasurement, forwards_per_token, measure_generation
-from tuner.models import LoadedModel, load_model
+from tuner.models import LoadedModel, default_draft_model, load_model
 from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
 from tuner.study import (
     StudyConfigError,
@@ -35,7 +35,7 @@ from tuner.study import (
     run_trials,
     select_best,
 )
-from tuner.workload import Workload, timing_input_ids
+from tuner.workload import TunerInputs, Workload, timing_input_ids
 
 OBJECTIVES = {"ttft_ms": "minimize", "latency_ms": "minimize", "tokens_per_s": "maximize"}
 
@@ -160,12 +160,13 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
 
     say(f"profiling {loaded.model_id} on {device.id}")
     curves = _profile(model, device, cfg.workload, artefacts)
+    # Cost hooks predict a latency: the objective itself, or end-to-end latency when the objective is tokens/s.
+    cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
-                        curves=curves, extras={"model_id": loaded.model_id, "draft_model": cfg.draft_model,
-                                                       "artefacts": artefacts})
-    for space in spaces:
-        say(f"profiling for {space.name}")
-        space.prepare(ctx, model, tokenizer, torch_device(device))
+                        curves=curves, model_id=loaded.model_id,
+                        draft_model=cfg.draft_model or default_draft_model(loaded.model_id), artefacts=artefacts,
+                        objective=cost_metric, model=model, tokenizer=tokenizer, inputs=TunerInputs())
+    _prepare(spaces, ctx, model, tokenizer, torch_device(device), say)
 
     harness = QualityHarness(model, tokenizer, cfg.quality, cache_dir=artefacts,
                              model_key=json.dumps(fingerprint, sort_keys=True))
@@ -190,10 +191,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                         metric_names=(cfg.objective, cfg.quality_metric))
     _enqueue_presets(handle, spaces, ctx)
 
-    # Cost hooks predict a latency: the objective itself, or end-to-end latency when the objective is tokens/s.
-    cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
-    ctx.extras.update(objective=cost_metric,
-                      baseline=_measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards))
+    ctx.baseline = _measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards)
 
     def evaluate(trial: Any) -> TrialOutcome:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}
@@ -253,6 +251,16 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
     return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
                       budget_met=met, n_trials=len(trials))
+
+
+def _prepare(spaces: list[SearchSpace], ctx: SearchContext, model: Any, tokenizer: Any, device: Any,
+             say: Any) -> None:
+    """Run each space's `prepare` once and keep what it measured in `ctx.prepared` under its name."""
+    for space in spaces:
+        say(f"profiling for {space.name}")
+        state = space.prepare(ctx, model, tokenizer, device)
+        if state is not None:
+            ctx.prepared[space.name] = state
 
 
 class LosslessViolation(RuntimeError):

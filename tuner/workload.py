@@ -7,12 +7,14 @@ see realistic input while every variant is timed on identical ids.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from tuner.tasks import code_samples
+from tuner.measure import measure_generation
+from tuner.tasks import code_samples, get_task
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,24 @@ def timing_input_ids(tokenizer: Any, prompt_tokens: int, device: torch.device, s
         if attempt > 50:
             raise RuntimeError("could not assemble enough timing text")
     return torch.tensor([ids[:prompt_tokens]], dtype=torch.long, device=device)
+
+
+class TunerInputs:
+    """The tuner's `search_spaces.StudyInputs`: what a search space's `prepare()` measures with, handed to it
+    through `SearchContext.inputs` (search spaces never import the tuner). The same ids, texts, examples and
+    timing as the tuner's own, so a calibration sees exactly what the trials see."""
+
+    def timing_ids(self, tokenizer: Any, n_tokens: int, device: Any) -> torch.Tensor:
+        return timing_input_ids(tokenizer, n_tokens, device)
+
+    def calibration_texts(self, n: int, seed: int, n_chars: int) -> list[str]:
+        return code_samples(n, seed=seed, n_chars=n_chars)
+
+    def task_examples(self, task: str, n: int, seed: int) -> list[Any]:
+        return get_task(task).examples(n, seed=seed)
+
+    def time_generation(self, generate: Callable[..., torch.Tensor], input_ids: torch.Tensor, new_tokens: int,
+                        device: Any) -> tuple[float, float]:
+        """One warm-up of both call shapes, then one TTFT and one full call (no memory reading)."""
+        m = measure_generation(generate, input_ids, new_tokens, device, repeats=1, peak_memory=False)
+        return m.ttft_ms, m.latency_ms
