@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from policies.diffusion_blocks import DiffusionConfig, validate_section
+from policies.diffusion_blocks import DiffusionConfig
 from search_spaces import SearchContext, get_search_space
 from search_spaces.diffusion_blocks import THRESHOLD_GRID, DiffusionCalibration, newline_ids, section
 
@@ -40,7 +40,7 @@ def test_every_sampled_section_is_valid():
     for _ in range(60):
         trial = study.ask()
         doc = space.suggest(trial, c)
-        assert validate_section(doc, "s") == [], doc
+        assert DiffusionConfig.section_problems(doc, "s") == [], doc
         if "delimiter_ids" in doc:
             assert doc["delimiter_ids"] == [3, 7]
         study.tell(trial, 0.0)

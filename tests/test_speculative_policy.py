@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policies import PolicyError, apply_policy, load_policy_file, policy_from_dict, save_policy
-from policies.speculative import validate_section
+from policies.speculative import SpeculativeConfig
 from policies.testing import make_policy_dict
 from search_spaces import SearchContext, get_search_space
 from search_spaces.speculative import rank_acceptance, tree_from_params
@@ -48,7 +48,7 @@ def _policy(tiny, section):
     ({"drafter": "recycle", "recycle": {"k": 99}, "tree": TREE}, "techniques.speculative.recycle.k"),
 ])
 def test_malformed_sections_are_rejected_with_the_field_named(section, field):
-    problems = validate_section(section)
+    problems = SpeculativeConfig.section_problems(section)
     assert any(p.startswith(field) for p in problems), problems
     with pytest.raises(PolicyError, match="techniques.speculative"):
         policy_from_dict(make_policy_dict(techniques={"speculative": section}))
@@ -94,7 +94,7 @@ def test_space_samples_valid_sections_and_sequoia_uses_the_measured_acceptance(t
     for _ in range(25):
         trial = study.ask()
         section = space.suggest(trial, ctx)
-        assert validate_section(section) == [], section
+        assert SpeculativeConfig.section_problems(section) == [], section
         study.tell(trial, 0.0)
     flat, _ = tree_from_params({"speculative.shape": "sequoia", "speculative.sequoia.budget": 6,
                                 "speculative.sequoia.depth": 6}, [0.45, 0.45])
