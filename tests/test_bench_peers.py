@@ -51,7 +51,7 @@ class _PeersSpace(SearchSpace):
 
 @pytest.fixture
 def technique(monkeypatch):
-    monkeypatch.setitem(search_spaces._REGISTRY, NAME, _PeersSpace())  # restored after the test
+    monkeypatch.setitem(search_spaces._SPACES._items, NAME, _PeersSpace())  # restored after the test
     register_runtime(_NoopRuntime(), replace=True)
     yield NAME
     unregister_runtime(NAME)

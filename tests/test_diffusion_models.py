@@ -14,7 +14,6 @@ import yaml
 from policies import apply_policy, model_fingerprint
 from policies.diffusion_blocks import DiffusionConfig, DiffusionStats, denoiser_for, diffusion_generate
 from policies.model_kind import model_kind
-from policies.schema import PolicyError
 from tuner.cli import main
 from tuner.models import ModelSpecError, load_model
 from tuner.tasks import get_task
@@ -68,13 +67,6 @@ def _policy(model, techniques: dict) -> dict:
             "objective": {"metric": "latency_ms", "direction": "minimize", "quality_metric": "accuracy",
                           "quality_budget": 1.0}, "techniques": techniques,
             "provenance": {"tool_version": tool_version(), "created_at": "2026-11-21T00:00:00+00:00"}}
-
-
-def test_kind_guard_refuses_a_diffusion_policy_on_a_causal_lm_and_the_reverse(mdm, tiny):
-    with pytest.raises(PolicyError, match="diffusion_blocks: applies to masked-diffusion models, not to this causal"):
-        apply_policy(tiny.model, _policy(tiny.model, {"diffusion_blocks": {"block_length": 8}}))
-    with pytest.raises(PolicyError, match="token_retention: applies to causal-lm models, not to this masked-diffusion"):
-        apply_policy(mdm.model, _policy(mdm.model, {"token_retention": {"keep": [1.0] * 6}}))
 
 
 def _remote_code_checkpoint(root: Path, mdm) -> Path:
