@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping as MappingABC
 from typing import Any, ClassVar, TypeVar
 
-from policies.schema import PolicyError, is_number
+from policies.schema import PolicyError, is_int, is_number
 
 __all__ = [
     "Choice",
@@ -54,11 +54,6 @@ __all__ = [
 ]
 
 C = TypeVar("C", bound="TechniqueConfig")
-
-
-def is_int(value: Any) -> bool:
-    """An integer from YAML (bools are ints in Python, but never a valid integer field)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _type_name(value: Any) -> str:

@@ -268,7 +268,8 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer from YAML (bools are ints in Python, but never a valid integer field)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -334,7 +335,7 @@ def _check_str(value: Any, path: str, problems: list[str], *, nullable: bool = F
 
 
 def _check_pos_int(value: Any, path: str, problems: list[str]) -> None:
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         problems.append(f"{path}: must be a positive integer, got {value!r}")
 
 
@@ -399,7 +400,7 @@ def _validate_device(device: Any, problems: list[str]) -> None:
         problems.append(f"device.kind: must be one of {', '.join(DEVICE_KINDS)}, got {device['kind']!r}")
     if "name" in device:
         _check_str(device["name"], "device.name", problems)
-    if "index" in device and device["index"] is not None and (not _is_int(device["index"]) or device["index"] < 0):
+    if "index" in device and device["index"] is not None and (not is_int(device["index"]) or device["index"] < 0):
         problems.append(f"device.index: must be a non-negative integer or null, got {device['index']!r}")
     for key, value in device.items():
         if key not in ("id", "kind", "name", "index"):
@@ -517,7 +518,7 @@ def _validate_provenance(prov: Any, problems: list[str]) -> None:
         if key in prov:
             _check_str(prov[key], f"provenance.{key}", problems, nullable=True)
     for key in ("trial", "seed"):
-        if key in prov and prov[key] is not None and not _is_int(prov[key]):
+        if key in prov and prov[key] is not None and not is_int(prov[key]):
             problems.append(f"provenance.{key}: must be an integer or null, got {prov[key]!r}")
     for key, value in prov.items():
         if key not in _PROVENANCE_KNOWN:
@@ -537,7 +538,7 @@ def validate_policy_dict(d: Any) -> list[str]:
         problems.append("schema_version: missing")
     else:
         version = d["schema_version"]
-        if not _is_int(version):
+        if not is_int(version):
             problems.append(f"schema_version: must be an integer, got {version!r}")
         elif version > SCHEMA_VERSION:
             return [

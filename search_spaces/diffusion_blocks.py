@@ -33,14 +33,20 @@ from typing import Any
 import optuna
 import torch
 
-from policies.diffusion_blocks import DiffusionConfig, DiffusionStats, diffusion_generate, supports_block_cache
+from policies.diffusion_blocks import (
+    NAME,
+    REMASKING_RULES,
+    DiffusionConfig,
+    DiffusionStats,
+    diffusion_generate,
+    supports_block_cache,
+)
 from profilers.timing import synchronize
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
 BLOCKS = (4, 8, 16, 32, 64)
 TOKENS_PER_STEP = (1, 2, 4)
-RULES = ("low_confidence", "random", "margin", "entropy")
 THRESHOLD_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 PRESET_BLOCK = 32
 
@@ -70,7 +76,6 @@ def section(ctx: SearchContext, block: int, *, tokens_per_step: int = 1, thresho
     return doc
 
 
-NAME = "diffusion_blocks"
 
 
 @dataclass
@@ -183,7 +188,7 @@ class DiffusionBlocksSpace(SearchSpace):
         threshold = None
         if trial.suggest_categorical("diffusion.parallel", ["schedule", "threshold"]) == "threshold":
             threshold = trial.suggest_float("diffusion.threshold", 0.5, 0.99)
-        remasking = trial.suggest_categorical("diffusion.remasking", list(RULES))
+        remasking = trial.suggest_categorical("diffusion.remasking", list(REMASKING_RULES))
         delimiter = None
         if trial.suggest_categorical("diffusion.adaptive", [False, True]):
             delimiter = trial.suggest_float("diffusion.delimiter_threshold", 0.1, 0.9)

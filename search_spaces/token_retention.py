@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import optuna
 
+from policies.token_retention import DEFAULTS, SCORERS
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
 FAMILIES = ("step", "stages", "prd_cosine", "sigmoid", "free")
-SCORERS = ("attention", "l2norm")
 WINDOWS = (1, 4, 8, 16)
-SINKS = 4
+SINKS = DEFAULTS["sinks"]  # sampled sections keep the runtime's default attention sinks
 MIN_KEEP = 0.02
 
 
@@ -289,7 +289,7 @@ def _interleaved_medians(model: Any, device: Any, input_ids: Any, sections: dict
 
 
 def _section(keep: list[float]) -> dict[str, Any]:
-    return {"keep": keep, "scorer": "attention", "window": 8, "sinks": SINKS, "min_prompt_tokens": 1}
+    return {"keep": keep, "scorer": "attention", "window": DEFAULTS["window"], "sinks": SINKS, "min_prompt_tokens": 1}
 
 
 def _random_ids(model: Any, n: int, device: Any) -> Any:
