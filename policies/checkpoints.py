@@ -2,15 +2,18 @@
 
 A policy may say ``draft_model: builtin:tiny-draft`` or ``draft_model: /models/my-draft``. The runtime loads a
 local Hugging Face directory itself (``local_files_only``: no model hub, ever). Named checkpoints such as
-``builtin:NAME`` belong to whoever ships them: the tuner registers a resolver for its ``builtin:`` prefix
-when it is imported (``register_checkpoint_resolver``), so the deployable runtime never imports the tuner
-and a deployment that ships its own draft directory needs nothing else.
+``builtin:NAME`` belong to whoever ships them: a resolver registered for the prefix
+(``register_checkpoint_resolver``), or else one declared as a package entry point in the group
+``autotune.checkpoint_resolvers`` under the prefix's name (autotune declares ``builtin`` ->
+``tuner.models:resolve_model_path``). The runtime never imports the tuner by name, and a deployment that ships
+its own draft directory needs nothing else.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 
 __all__ = ["CheckpointError", "load_causal_lm", "register_checkpoint_resolver", "resolve_checkpoint"]
 
+ENTRY_POINT_GROUP = "autotune.checkpoint_resolvers"
 _RESOLVERS: dict[str, Callable[[str], Path]] = {}
 
 
@@ -35,9 +39,15 @@ def resolve_checkpoint(spec: str) -> Path:
     for prefix, resolve in _RESOLVERS.items():
         if spec.startswith(prefix):
             return Path(resolve(spec))
-    if ":" in spec.split("/")[0] and not Path(spec).exists():
-        raise CheckpointError(f"no loader for {spec!r} in this process (import the package that provides "
-                              f"{spec.split(':')[0]}: models, e.g. `import tuner.models` for builtin:)")
+    head = spec.split("/")[0]
+    if ":" in head and not Path(spec).exists():
+        name = head.split(":")[0]
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            raise CheckpointError(f"no resolver for {name}: checkpoints ({spec!r}): no package declares one in the "
+                                  f"entry-point group {ENTRY_POINT_GROUP}")
+        register_checkpoint_resolver(f"{name}:", found[0].load())
+        return resolve_checkpoint(spec)
     path = Path(os.path.expanduser(spec))
     if not (path / "config.json").is_file():
         raise CheckpointError(f"checkpoint {spec!r} not found: a local Hugging Face directory with a config.json "

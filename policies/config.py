@@ -28,6 +28,7 @@ the constants the specs are built from (choices, bounds) instead of repeating th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping as MappingABC
@@ -70,6 +71,10 @@ class Spec:
         """What a valid value is, for messages: ``an integer >= 1``."""
         raise NotImplementedError
 
+    def plural(self) -> str:
+        """The same for several values (lists, rows): ``integers >= 1``."""
+        return f"values, each {self.expected()}"
+
     def ok(self, value: Any) -> bool:
         """Whether a scalar ``value`` is valid (containers override ``problems`` instead)."""
         raise NotImplementedError
@@ -100,6 +105,9 @@ class Int(Spec):
         if self.min is not None:
             return f"an integer >= {self.min}"
         return f"an integer <= {self.max}" if self.max is not None else "an integer"
+
+    def plural(self) -> str:
+        return "integers" + self.expected().removeprefix("an integer")
 
     def ok(self, value: Any) -> bool:
         return (is_int(value) and (self.min is None or value >= self.min)
@@ -133,6 +141,10 @@ class Number(Spec):
         if high:
             return f"a number {'<' if self.lt is not None else '<='} {high[:-1]}"
         return "a finite number"
+
+    def plural(self) -> str:
+        expected = self.expected()
+        return "finite numbers" if expected == "a finite number" else "numbers" + expected.removeprefix("a number")
 
     def ok(self, value: Any) -> bool:
         if not is_number(value) or not math.isfinite(value):
@@ -170,6 +182,9 @@ class Text(Spec):
     def expected(self) -> str:
         return "a non-empty string"
 
+    def plural(self) -> str:
+        return "non-empty strings"
+
     def ok(self, value: Any) -> bool:
         return isinstance(value, str) and bool(value.strip())
 
@@ -186,6 +201,9 @@ class Mapping(Spec):
 
     def ok(self, value: Any) -> bool:
         return isinstance(value, MappingABC)
+
+    def load(self, value: Any) -> Any:
+        return copy.deepcopy(dict(value))  # the config must not alias the caller's (or the YAML loader's) data
 
     def json_schema(self) -> dict[str, Any]:
         return {"type": "object"}
@@ -231,10 +249,11 @@ class ListOf(Spec):
     def expected(self) -> str:
         if self.what:
             return self.what
-        size = "non-empty " if self.min_items == 1 and self.max_items is None else ""
         if self.max_items is not None and self.max_items == self.min_items:
-            size = f"{self.min_items}-item "
-        return f"a {size}list of {_plural(self.item.expected())}"
+            return f"a list of {self.min_items} {self.item.plural()}"
+        size = {0: "", 1: "non-empty "}.get(self.min_items, f"at-least-{self.min_items}-item ")
+        most = f" (at most {self.max_items})" if self.max_items is not None else ""
+        return f"a {size}list of {self.item.plural()}{most}"
 
     def problems(self, value: Any, path: str) -> list[str]:
         if (not isinstance(value, (list, tuple)) or len(value) < self.min_items
@@ -274,8 +293,8 @@ class Rows(Spec):
         problems = []
         for i, row in enumerate(value):
             if not isinstance(row, (list, tuple)) or len(row) != len(self.columns):
-                problems.append(f"{path}[{i}]: must be a list of {len(self.columns)} "
-                                f"{_plural(self.cell.expected())} ({', '.join(self.columns)}), got {_short(row)}")
+                problems.append(f"{path}[{i}]: must be a list of {len(self.columns)} {self.cell.plural()} "
+                                f"({', '.join(self.columns)}), got {_short(row)}")
                 continue
             for column, cell in zip(self.columns, row, strict=True):
                 problems += self.cell.problems(cell, f"{path}[{i}].{column}")
@@ -329,7 +348,7 @@ class Tagged(Spec):
         if not isinstance(value, MappingABC):
             return [f"{path}: must be {self.expected()}, got {_type_name(value)}"]
         kind = value.get(self.tag)
-        if kind not in self.variants:
+        if not isinstance(kind, str) or kind not in self.variants:
             return [f"{path}.{self.tag}: must be one of {', '.join(self.variants)}, got {kind!r}"]
         return self.variants[kind].section_problems(value, path)
 
@@ -341,17 +360,6 @@ class Tagged(Spec):
 
     def json_schema(self) -> dict[str, Any]:
         return {"oneOf": [cls.json_schema() for cls in self.variants.values()]}
-
-
-def _plural(expected: str) -> str:
-    """``a number in [0, 1)`` -> ``numbers in [0, 1)``; ``a non-empty string`` -> ``non-empty strings``."""
-    words = expected.split(" ")
-    if words[0] not in ("a", "an") or len(words) < 2:
-        return expected  # "one of a, b"
-    words = words[1:]
-    noun = 1 if words[0] == "non-empty" and len(words) > 1 else 0
-    words[noun] += "s"
-    return " ".join(words)
 
 
 def _short(value: Any) -> str:

@@ -96,7 +96,11 @@ class Registry(Generic[T]):
         module = self._module_of(technique)
         if module not in self._imported:
             self._imported.add(module)  # first: a module that looks names up while importing must not recurse
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except BaseException:
+                self._imported.discard(module)  # the real error again next time, not "unknown technique"
+                raise
 
     def _import_all(self) -> None:
         for technique in list(TECHNIQUES):

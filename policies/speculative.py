@@ -205,6 +205,10 @@ class PromptLookupConfig(TechniqueConfig):
     depth: int = option(5, Int(min=1), "tokens drafted per continuation")
     candidates: int = option(1, Int(min=1), "continuations drafted (one chain each)")
 
+    def drafter(self) -> PromptLookupDrafter:
+        return PromptLookupDrafter(max_ngram=self.max_ngram, min_ngram=self.min_ngram, depth=self.depth,
+                                   candidates=self.candidates)
+
     def check(self, path: str) -> list[str]:
         if self.min_ngram > self.max_ngram:
             return [f"{path}.min_ngram: must be <= max_ngram ({self.max_ngram}), got {self.min_ngram}"]
@@ -345,14 +349,13 @@ def make_drafter(model: Any, config: SpeculativeConfig) -> Drafter:
     kind, tree = config.drafter, config.tree
     lookup = config.lookup
     if kind == "prompt_lookup":
-        return PromptLookupDrafter(lookup.max_ngram, lookup.min_ngram, lookup.depth, lookup.candidates)
+        return lookup.drafter()
     assert tree is not None  # checked by SpeculativeConfig.check
     if kind == "recycle":
         recycle = RecycleDrafter(list(tree.parents), k=(config.recycle or RecycleConfig()).k)
         if config.prompt_lookup is None:
             return recycle
-        return MergedDrafter(recycle, PromptLookupDrafter(lookup.max_ngram, lookup.min_ngram, lookup.depth,
-                                                          lookup.candidates))
+        return MergedDrafter(recycle, lookup.drafter())
     if kind == "draft_model":
         try:
             lm = draft_for(str(config.draft_model), model)

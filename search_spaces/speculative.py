@@ -337,10 +337,9 @@ class SpeculativeSpace(SearchSpace):
     @staticmethod
     def _lookup_model(section: dict[str, Any], calibration: SpeculativeCalibration) -> tuple[float, float]:
         """(tokens per step, mean tree size) of the section's prompt lookup, simulated on the calibration text."""
-        from policies.drafters import PromptLookupDrafter
+        from policies.speculative import PromptLookupConfig
 
-        drafter = PromptLookupDrafter(**{"max_ngram": 3, "min_ngram": 1, "depth": 5, "candidates": 1,
-                                         **section.get("prompt_lookup", {})})
+        drafter = PromptLookupConfig.build(section.get("prompt_lookup") or {}).drafter()  # the runtime's defaults
         return lookup_simulation(drafter, calibration.sequences)
 
     def _draft_curve(self, section: dict[str, Any], ctx: SearchContext, calibration: SpeculativeCalibration) -> Any:

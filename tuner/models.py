@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from policies.checkpoints import register_checkpoint_resolver
-
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -171,8 +169,3 @@ def _record_mask_token(spec: str, model: Any, tokenizer: Any) -> None:
         raise ModelSpecError(f"model {spec!r} is a masked LM without a mask token (neither its config nor its "
                              "tokenizer names one); it cannot be decoded by diffusion")
     model.config.mask_token_id = int(mask_id)
-
-
-# A policy's `draft_model: builtin:NAME` is loaded by the runtime (policies/checkpoints.py), which does not
-# import the tuner: the tuner lends it the resolver of its built-in names.
-register_checkpoint_resolver(BUILTIN_PREFIX, resolve_model_path)
