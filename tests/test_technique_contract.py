@@ -10,6 +10,7 @@ refuse a model of the other kind. Per-technique test files test only what is spe
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ from policies.registry import (
     registered_runtimes,
     unregister_runtime,
 )
-from policies.schema import policy_json_schema
 from policies.testing import make_policy_dict
 from search_spaces import SearchContext, get_search_space, registered_search_spaces
 from tests import toy_technique
@@ -42,6 +42,7 @@ from tuner.workload import TunerInputs
 jsonschema = pytest.importorskip("jsonschema")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "policies_v1"
+COMMITTED_SCHEMA = json.loads((Path(__file__).parents[1] / "policies" / "policy.schema.json").read_text())
 TOY = toy_technique.NAME
 ALL = [*BUILTIN_TECHNIQUES, TOY]
 #: The kind of model each technique applies to (the toy is a causal-LM technique).
@@ -105,6 +106,17 @@ def _assert_restored(model: Any, ids: torch.Tensor, before: tuple[Any, ...]) -> 
     assert attn == before[3]
 
 
+def _assert_round_trip(config_class: type[TechniqueConfig], section: dict[str, Any]) -> None:
+    """section -> config -> section loses nothing but values equal to their defaults, and loads back equal."""
+    config = config_class.from_section(section)
+    written = config_class.from_section(config.to_section())
+    assert written == config
+    defaults = config_class.defaults()
+    for key, value in section.items():
+        if key not in config.to_section():
+            assert value == defaults[key], (key, value)
+
+
 def _prompt(loaded: Any) -> torch.Tensor:
     return TunerInputs().timing_ids(loaded.tokenizer, 96, torch.device("cpu"))
 
@@ -165,7 +177,7 @@ def test_config_class_is_the_schema(name: str) -> None:
     assert set(schema["properties"]) == {f.name for f in config_class.config_fields()}
     assert set(config_class.defaults()) == set(schema["properties"]) - set(schema.get("required", []))
     if name in BUILTIN_TECHNIQUES:  # the committed policy.schema.json describes exactly this section
-        assert policy_json_schema()["properties"]["techniques"]["properties"][name] == schema
+        assert COMMITTED_SCHEMA["properties"]["techniques"]["properties"][name] == schema
     jsonschema.validate(section, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**section, "bogus": 1}, schema)
@@ -174,9 +186,8 @@ def test_config_class_is_the_schema(name: str) -> None:
     assert runtime.validate({**section, "bogus": 1}, path) == [
         f"{path}.bogus: unknown field (known: {', '.join(schema['properties'])})"]
     assert runtime.validate([section], path) == [f"{path}: must be a mapping, got list"]
-    config = config_class.from_section(section)
-    assert config_class.from_section(config.to_section()) == config
-    assert runtime.config_of(config) is config
+    _assert_round_trip(config_class, section)
+    assert runtime.config_of(config_class.from_section(section)) == config_class.from_section(section)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -185,15 +196,14 @@ def test_presets_and_sampled_sections_validate_and_round_trip_through_a_file(
     ctx, space, runtime = contexts[name], get_search_space(name), get_runtime(name)
     loaded = models[MODEL_OF[name]]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    sampled = space.suggest(study.ask(), ctx)
-    sections = [(p.name, p.section) for p in space.presets(ctx)] + [("sampled", sampled)]
-    assert len(sections) >= 2, f"{name} has no preset"
+    sampled = [(f"sampled {i}", space.suggest(study.ask(), ctx)) for i in range(6)]  # several branches of the space
+    sections = [(p.name, p.section) for p in space.presets(ctx)] + sampled
+    assert len(sections) > len(sampled), f"{name} has no preset"
     schema = runtime.json_schema()
     for label, section in sections:
         assert runtime.validate(section, f"techniques.{name}") == [], (label, section)
         jsonschema.validate(section, schema)
-        config = runtime.config_class.from_section(section)
-        assert runtime.config_class.from_section(config.to_section()) == config, label
+        _assert_round_trip(runtime.config_class, section)
         policy = _policy(loaded, {name: section})
         save_policy(policy, tmp_path / "p.yaml")
         assert load_policy_file(tmp_path / "p.yaml").techniques[name] == section, label
