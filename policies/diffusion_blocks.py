@@ -390,7 +390,7 @@ class DiffusionHandle(TechniqueHandle):
     """Owns the decode loop of a masked-diffusion model; the model itself is not modified."""
 
     def __init__(self, cfg: DiffusionConfig, spec: Denoiser) -> None:
-        self.cfg, self.spec = cfg, spec
+        self.config, self.denoiser = cfg, spec
         self.last_stats: DiffusionStats | None = None
 
     def remove(self) -> None:
@@ -398,7 +398,7 @@ class DiffusionHandle(TechniqueHandle):
 
     def generate(self, model: Any, input_ids: Any, **kwargs: Any) -> torch.Tensor:
         self.last_stats = DiffusionStats()
-        return generate_with(model, input_ids, self.cfg, self.spec, self.last_stats, **kwargs)
+        return generate_with(model, input_ids, self.config, self.denoiser, self.last_stats, **kwargs)
 
 
 def baseline_handle(model: Any) -> DiffusionHandle:

@@ -379,7 +379,7 @@ class _Retention:
 
     def __init__(self, model: nn.Module, spec: TokenRetentionConfig, original: str) -> None:
         parts = decoder_parts(model)
-        self.spec = spec
+        self.config = spec
         self.original = original
         self.layers = parts.layers
         self.base = parts.base
@@ -415,7 +415,7 @@ class _Retention:
         cache = hook_cache({**extra, **bound})
         mask = bound.get("attention_mask", extra.get("attention_mask"))
         past_len = int(cache.get_seq_length()) if cache is not None else 0
-        spec, seq = self.spec, self.seq
+        spec, seq = self.config, self.seq
         counts: list[int] | None = None
         if past_len == 0:
             counts = spec.counts(q_len) if q_len > 1 else None
@@ -527,13 +527,13 @@ class _Retention:
         slots = fwd.cur_slots
         scores = fwd.scores.pop(layer - 1, None)
         if scores is None:
-            if self.spec.scorer == "attention":
+            if self.config.scorer == "attention":
                 raise RuntimeError(f"token_retention: layer {layer - 1} did not report attention scores")
             scores = hidden[0].float().norm(dim=-1)  # l2norm: energy of each residual-stream row
         if self.score_override is not None:
             scores = self.score_override(layer - 1, hidden, slots)
         self.last_scores[layer - 1] = scores.detach()
-        spec = self.spec
+        spec = self.config
         droppable = droppable_mask(slots, self.seq.n_prompt, spec.sinks, spec.window, spec.scope)
         sel = select_kept(scores, droppable, fwd.counts[layer])
         fwd.cur_slots = slots[sel]
@@ -572,7 +572,7 @@ class _Retention:
             else:
                 attention_mask = self._pruned_mask(layer, query, key, window, fwd)
         out = self.originals[layer](module, query, key, value, attention_mask, **kwargs)
-        if fwd is not None and layer in fwd.score_layers and self.spec.scorer == "attention" and query.shape[2] > 1:
+        if fwd is not None and layer in fwd.score_layers and self.config.scorer == "attention" and query.shape[2] > 1:
             scaling = kwargs.get("scaling", getattr(module, "scaling", query.shape[-1] ** -0.5))
             fwd.scores[layer] = self._window_scores(query, key, fwd.cur_slots, scaling, window, fwd.pad)
         return out
@@ -638,7 +638,7 @@ class _Retention:
         like HF's eager softmax. Prefill only: the keys are this forward's rows, the same slots as the queries.
         """
         with torch.no_grad():
-            w = min(self.spec.window, query.shape[2])
+            w = min(self.config.window, query.shape[2])
             q = query[:1, :, -w:].float()
             k = _repeat_kv(key[:1].float(), query.shape[1] // key.shape[1])
             logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
@@ -697,8 +697,8 @@ class TokenRetentionHandle(TechniqueHandle):
         self._undo: list[Callable[[], None]] | None = undo
 
     @property
-    def spec(self) -> TokenRetentionConfig:
-        return self._state.spec
+    def config(self) -> TokenRetentionConfig:
+        return self._state.config
 
     @property
     def last_kept_indices(self) -> list[torch.Tensor] | None:
@@ -726,7 +726,7 @@ class TokenRetentionHandle(TechniqueHandle):
 
     def kept_counts(self, n_prompt: int) -> list[int]:
         """Rows per layer this schedule gives a prompt of ``n_prompt`` tokens."""
-        return self._state.spec.counts(n_prompt)
+        return self._state.config.counts(n_prompt)
 
     def remove(self) -> None:
         undo, self._undo = self._undo, None
