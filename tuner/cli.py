@@ -178,6 +178,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = True) -> Any:
+    """The prompt's ids, shape (1, n): as a user turn of the tokenizer's chat template when it has one (chat
+    models answer only that way), else the plain text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        return encoded["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from policies import apply_policy, load_policy
     from profilers.device import resolve_device, torch_device
@@ -191,14 +201,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         dtype = load_policy_file(args.policy).workload.dtype
     loaded = load_model(args.model, torch_device(device), dtype=dtype, trust_remote_code=args.trust_remote_code)
     source = args.policy or args.policies
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        policy = load_policy(source, loaded.model, device=device, strict=bool(args.policy))
-    for w in caught:
-        _say(f"autotune: warning: {w.message}")
+    policy = None
+    if source is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy = load_policy(source, loaded.model, device=device, strict=bool(args.policy))
+        for w in caught:
+            _say(f"autotune: warning: {w.message}")
     _say(f"policy: {policy.source if policy is not None else 'none (dense)'}")
     tokenizer = loaded.tokenizer
-    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(torch_device(device))
+    input_ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw_prompt).to(torch_device(device))
     with apply_policy(loaded.model, policy) as tuned:
         out = tuned.generate(input_ids, max_new_tokens=args.max_new_tokens)
         stats = tuned.last_stats  # what a decode-loop owner (speculative, diffusion) did, or None
@@ -308,13 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     quality_opts(p, examples=20)
     p.add_argument("--json", action="store_true")
 
-    p = add("run", cmd_run, "Generate with the policy that matches this device.")
+    p = add("run", cmd_run, "Generate with the policy that matches this device (dense without one).")
     model_opt(p)
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--policies", help="policy store directory (this device's file is picked)")
     group.add_argument("--policy", help="one policy YAML (refused if it does not match the model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="tokenize the prompt as is (default: through the tokenizer's chat template when it has one)")
     p.add_argument("--json", action="store_true")
 
     p = add("validate", cmd_validate, "Check policy files: exit 0 if all are valid, 2 otherwise.")

