@@ -32,7 +32,8 @@ def test_registry_names_and_unknown():
     assert "\n" not in msg and "retrieval" in msg and "pattern" in msg
 
 
-@pytest.mark.parametrize("name", ["needle", "needle-2k", "retrieval", "retrieval-2k", "pattern", "code"])
+@pytest.mark.parametrize("name", ["needle", "needle-2k", "retrieval", "retrieval-2k", "pattern", "code", "passkey",
+                                  "passkey-multi"])
 def test_examples_deterministic_by_seed(name):
     task = get_task(name)
     a, b, c = task.examples(5, seed=0), task.examples(5, seed=0), task.examples(5, seed=1)
@@ -150,3 +151,43 @@ def test_training_text_uses_the_same_generators():
     for key, value in re.findall(r"\?\n(\w+) = (\d+)\n", text):
         assert pairs[key] == value
     assert tasks.TRAIN_SEED_OFFSET >= 1000
+
+
+@pytest.mark.parametrize("name, n_keys", [("passkey", 1), ("passkey-2k", 1), ("passkey-multi", 5)])
+def test_passkey_states_the_asked_key_once_among_its_distractors(name, n_keys):
+    task = get_task(name)
+    assert task.chat
+    for example in task.examples(20, seed=3):
+        keys = re.findall(r"pass key is (\d{5})\.", example.prompt)
+        assert len(set(keys)) == n_keys and example.answer in keys
+        question = example.prompt.rsplit("\n\n", 1)[1]
+        if n_keys > 1:  # the question names the label of the key it asks for, and only that one
+            label = re.search(r"What is the (\w+) pass key", question).group(1)
+            assert f"The {label} pass key is {example.answer}." in example.prompt
+        assert re.search(r"\d{5}", question) is None
+    depths = [e.prompt.index("pass key is") / len(e.prompt) for e in task.examples(20, seed=3)]
+    assert min(depths) < 0.3 and max(depths) > 0.7  # the key sits at varied depths
+
+
+def test_passkey_length_follows_n_tokens_and_scoring_reads_the_first_number():
+    short, long = (sum(len(e.prompt) for e in get_task(n).examples(5, seed=0)) / 5 for n in ("passkey", "passkey-4k"))
+    assert 3_500 < short < 6_000 and 15_000 < long < 20_000  # ~4 characters per token of prose
+    task = get_task("passkey")
+    assert task.score("The pass key is 12345.", "12345") == 1.0
+    assert task.score("12345", "12345") == 1.0
+    assert task.score("It is 54321, not 12345.", "12345") == 0.0
+    assert task.score("I do not know.", "12345") == 0.0
+
+
+def test_prompt_ids_use_the_chat_template_only_where_there_is_one(tokenizer):
+    plain = tasks.prompt_ids(tokenizer, "hello world")
+    assert plain.tolist() == [tokenizer("hello world").input_ids]  # builtin:tiny's tokenizer has no template
+
+    class Chat:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            assert messages == [{"role": "user", "content": "hi"}] and kwargs["add_generation_prompt"]
+            return {"input_ids": [[7, 8]]}
+
+    assert tasks.prompt_ids(Chat(), "hi") == [[7, 8]]

@@ -178,20 +178,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def prompt_ids(tokenizer: Any, prompt: str, chat: bool = True) -> Any:
-    """The prompt's ids, shape (1, n): as a user turn of the tokenizer's chat template when it has one (chat
-    models answer only that way), else the plain text."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-        return encoded["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from policies import apply_policy, load_policy
     from profilers.device import resolve_device, torch_device
     from tuner.models import load_model
+    from tuner.tasks import prompt_ids
 
     device = resolve_device(args.device)
     dtype = args.dtype

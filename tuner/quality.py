@@ -24,7 +24,7 @@ import torch
 
 from policies.model_kind import model_kind
 from policies.runtime import apply_policy
-from tuner.tasks import code_samples, get_task
+from tuner.tasks import code_samples, get_task, prompt_ids
 
 QUALITY_METRICS = ("accuracy", "top1_agreement", "mean_kl")
 # Metrics where larger is better; mean_kl is the only one where smaller is better.
@@ -81,10 +81,10 @@ GenerateFn = Callable[..., torch.Tensor]
 
 
 def _greedy_answers(generate: GenerateFn, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                    device: torch.device) -> list[str]:
+                    device: torch.device, chat: bool = False) -> list[str]:
     answers = []
     for prompt in prompts:
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        input_ids = prompt_ids(tokenizer, prompt, chat=chat).to(device)
         out = generate(input_ids, max_new_tokens=max_new_tokens)
         answers.append(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
     return answers
@@ -188,7 +188,7 @@ class QualityHarness:
             for name, examples in self._examples.items():
                 task = get_task(name)
                 preds = _greedy_answers(generate, self.tokenizer, [e.prompt for e in examples],
-                                        task.max_new_tokens, self.device)
+                                        task.max_new_tokens, self.device, chat=task.chat)
                 scores = [task.score(p, e.answer) for p, e in zip(preds, examples, strict=True)]
                 task_accuracy[name] = 100.0 * sum(scores) / max(len(scores), 1)
                 predictions[name] = preds

@@ -33,16 +33,19 @@ import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "Example",
     "Task",
     "RetrievalTask",
+    "PasskeyTask",
     "PatternTask",
     "CodeTask",
     "TASKS",
     "get_task",
     "list_tasks",
+    "prompt_ids",
     "code_samples",
     "stdlib_root",
     "stdlib_files",
@@ -105,6 +108,8 @@ class Task:
     name: str = ""
     description: str = ""
     max_new_tokens: int = 16
+    #: Prompts are a user turn of the model's chat template (when its tokenizer has one), not raw text.
+    chat: bool = False
 
     def examples(self, n: int, seed: int) -> list[Example]:
         """``n`` examples, a pure function of ``(task parameters, n, seed)``."""
@@ -427,6 +432,89 @@ class NeedleTask(Task):
         return Example("\n".join(lines).rstrip("\n") + self.QUESTION, f" {word}.", self.name)
 
 
+# ----------------------------------------------------------------------------------------------- passkey
+
+#: English prose runs at about 4 characters per BPE token (SmolLM2's tokenizer: 4.1 on this prose), so filler is
+#: sized in characters; `estimate_tokens` counts whitespace runs too and suits code, not prose.
+CHARS_PER_PROSE_TOKEN = 4
+
+#: Labels of the harder passkey variant's numbers (one is asked for, the others are distractors).
+PASSKEY_LABELS = ("red", "green", "blue", "orange", "purple", "silver", "golden", "black")
+
+
+@functools.lru_cache(maxsize=1)
+def prose_paragraphs() -> tuple[str, ...]:
+    """Python's English reference prose (``pydoc_data.topics``, on every machine), as paragraphs: the filler of
+    the passkey tasks (ordinary sentences, unlike code, so a chat model reads it as text)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(block.split())
+            if len(text) > 80 and not set(text) <= set("*=-~ "):
+                out.append(text)
+    return tuple(out)
+
+
+@dataclass(repr=False)
+class PasskeyTask(Task):
+    """Passkey retrieval, the standard long-context test for chat models: a five-digit pass key stated once at
+    a random depth of about ``n_tokens`` tokens of English prose, then the question. With ``distractors`` the
+    filler also holds that many other labelled keys and the question names one label, so dropping or merging
+    the wrong rows costs accuracy even when some number survives. Prompts go through the chat template
+    (``chat``); the score is whether the first number of the answer is the key."""
+
+    name: str = "passkey"
+    n_tokens: int = 1000
+    distractors: int = 0
+    description: str = "passkey retrieval: a 5-digit key hidden at a random depth of ~1k tokens of prose"
+    max_new_tokens: int = 16
+    chat: bool = True
+
+    def filler(self, rng: random.Random) -> list[str]:
+        paragraphs = prose_paragraphs()
+        start = rng.randrange(len(paragraphs))
+        out: list[str] = []
+        total = 0
+        while total < CHARS_PER_PROSE_TOKEN * self.n_tokens:
+            text = paragraphs[(start + len(out)) % len(paragraphs)]
+            out.append(text)
+            total += len(text) + 2
+        return out
+
+    def example(self, rng: random.Random) -> Example:
+        paragraphs = self.filler(rng)
+        keys = rng.sample(range(10_000, 100_000), self.distractors + 1)
+        if self.distractors:
+            labels = rng.sample(PASSKEY_LABELS, self.distractors + 1)
+            needles = [f"The {label} pass key is {key}. Remember it." for label, key in zip(labels, keys, strict=True)]
+            question = f"What is the {labels[0]} pass key? Answer with the number only."
+        else:
+            needles = [f"The pass key is {keys[0]}. Remember it. {keys[0]} is the pass key."]
+            question = "What is the pass key? Answer with the number only."
+        for needle in needles:
+            paragraphs.insert(rng.randint(1, len(paragraphs) - 1) if len(paragraphs) > 1 else 0, needle)
+        prompt = ("There is an important piece of information hidden in the text below. Find it and memorize it.\n\n"
+                  + "\n\n".join(paragraphs) + "\n\n" + question)
+        return Example(prompt, str(keys[0]), self.name)
+
+    def score(self, prediction: str, answer: str) -> float:
+        """1.0 when the first number in ``prediction`` is the key (chat models answer in a sentence)."""
+        found = re.search(r"\d+", prediction)
+        return 1.0 if found is not None and found.group() == answer else 0.0
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = True) -> Any:
+    """The prompt's ids, shape (1, n): as a user turn of the tokenizer's chat template when ``chat`` and it has
+    one (chat models answer only that way), else the plain text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        return encoded["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {
@@ -439,6 +527,13 @@ TASKS: dict[str, Task] = {
     "needle": NeedleTask(),
     "needle-2k": NeedleTask(name="needle-2k", n_tokens=2550,
                             description="long-context needle lookup with ~2.1k-token prompts"),
+    "passkey": PasskeyTask(),
+    "passkey-2k": PasskeyTask(name="passkey-2k", n_tokens=2000,
+                              description="passkey retrieval in ~2k tokens of prose"),
+    "passkey-4k": PasskeyTask(name="passkey-4k", n_tokens=4000,
+                              description="passkey retrieval in ~4k tokens of prose"),
+    "passkey-multi": PasskeyTask(name="passkey-multi", n_tokens=2000, distractors=4,
+                                 description="five labelled keys in ~2k tokens of prose, one asked for"),
     "pattern": PatternTask(),
     "code": CodeTask(),
 }
