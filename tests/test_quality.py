@@ -67,3 +67,23 @@ def test_quality_drop_direction():
     assert quality_drop("mean_kl", 0.0, 0.2) == 0.2
     with pytest.raises(ValueError, match="quality metric 'bleu'"):
         QualityReport(accuracy=1.0, task_accuracy={}).metric("bleu")
+
+
+def test_accuracy_stops_as_soon_as_the_floor_is_out_of_reach(tiny):
+    harness = _harness(tiny)
+    assert harness.reference().accuracy == 100.0  # builtin:tiny gets the 4 pattern examples right
+    calls = []
+
+    def wrong(input_ids, max_new_tokens, **kwargs):  # answers every prompt with the same token: all wrong
+        calls.append(1)
+        return torch.cat([input_ids, torch.full((1, max_new_tokens), 5, dtype=input_ids.dtype)], dim=1)
+
+    full = harness.evaluate(wrong)
+    assert (full.accuracy, full.n_examples, full.stopped_early) == (0.0, 4, False)
+    calls.clear()
+    stopped = harness.evaluate(wrong, stop_below=60.0)  # after 2 wrong answers at most 50 points are possible
+    assert stopped.stopped_early and len(calls) == stopped.n_examples == 2
+    assert stopped.accuracy == 50.0 and stopped.top1_agreement is None
+    with apply_policy(tiny.model, None) as dense:  # a variant that can still make it is scored in full
+        kept = harness.evaluate(dense.generate, dense, stop_below=100.0)
+    assert not kept.stopped_early and kept.accuracy == 100.0 and kept.n_examples == 4

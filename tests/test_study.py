@@ -122,3 +122,19 @@ def test_bad_inputs_raise_config_errors(tmp_path: Path) -> None:
     handle = open_study("s", None, tmp_path / "s.journal")
     with pytest.raises(StudyConfigError, match="--budget or --timeout"):
         run_trials(handle, lambda t: TrialOutcome(values=(0, 0)), budget=None)
+
+
+def test_pruned_trials_are_recorded_as_pruned_and_count_against_the_budget(tmp_path: Path) -> None:
+    handle = open_study("s", None, tmp_path / "s.journal", sampler="random", seed=0)
+
+    def evaluate(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number % 3 == 0:
+            raise optuna.TrialPruned("accuracy can reach at most 40.0")
+        return TrialOutcome(values=(x, x), constraint=0.0)
+
+    summary = run_trials(handle, evaluate, budget=6)
+    assert (summary.completed, summary.pruned, summary.failed) == (4, 2, 0)
+    pruned = [t for t in handle.study.trials if t.state == TrialState.PRUNED]
+    assert [t.number for t in pruned] == [0, 3]
+    assert pruned[0].user_attrs["autotune:pruned"] == "accuracy can reach at most 40.0"

@@ -82,7 +82,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, torch_device(device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     profile = profile_model(loaded.model, torch_device(device), mode=args.mode, n_tokens=args.tokens,
-                            warmup=args.warmup, repeats=args.repeats)
+                            warmup=args.warmup, repeats=args.repeats,
+                            logits_to_keep=1 if args.mode == "prefill" else None)  # as generate's prefill
     document = profile.to_json_dict(device.to_dict(), loaded.model_id)
     if args.out:
         out = Path(args.out)

@@ -57,6 +57,9 @@ class QualityReport:
     mean_kl: float | None = None
     n_examples: int = 0
     predictions: dict[str, list[str]] = field(default_factory=dict)
+    #: Set when evaluation stopped early (``evaluate(..., stop_below=...)``): even with every remaining example
+    #: right, accuracy could not reach the floor. ``accuracy`` is then that upper bound, not a measurement.
+    stopped_early: bool = False
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
@@ -180,27 +183,52 @@ class QualityHarness:
                                         n_examples=summary["n_examples"], predictions=data["predictions"])
 
     # -- variants --------------------------------------------------------------------------------
-    def _score_tasks(self, generate: GenerateFn) -> QualityReport:
-        task_accuracy: dict[str, float] = {}
-        predictions: dict[str, list[str]] = {}
-        n = 0
+    def _score_tasks(self, generate: GenerateFn, stop_below: float | None = None) -> QualityReport:
+        """Task accuracy (mean over tasks, in points). With ``stop_below``, stop as soon as the best accuracy
+        still possible (every remaining example right) is below it: an exact bound, so a stopped variant could
+        never have reached the floor, and nothing that could is stopped."""
+        scores: dict[str, list[float]] = {name: [] for name in self._examples}
+        predictions: dict[str, list[str]] = {name: [] for name in self._examples}
+        stopped = False
         with torch.inference_mode():
             for name, examples in self._examples.items():
                 task = get_task(name)
-                preds = _greedy_answers(generate, self.tokenizer, [e.prompt for e in examples],
-                                        task.max_new_tokens, self.device, chat=task.chat)
-                scores = [task.score(p, e.answer) for p, e in zip(preds, examples, strict=True)]
-                task_accuracy[name] = 100.0 * sum(scores) / max(len(scores), 1)
-                predictions[name] = preds
-                n += len(examples)
+                for example in examples:
+                    pred = _greedy_answers(generate, self.tokenizer, [example.prompt], task.max_new_tokens,
+                                           self.device, chat=task.chat)[0]
+                    scores[name].append(task.score(pred, example.answer))
+                    predictions[name].append(pred)
+                    if stop_below is not None and self._best_possible(scores) < stop_below:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+        task_accuracy = {name: self._task_bound(name, s) if stopped else 100.0 * sum(s) / max(len(s), 1)
+                         for name, s in scores.items()}
         accuracy = sum(task_accuracy.values()) / max(len(task_accuracy), 1)
-        return QualityReport(accuracy=accuracy, task_accuracy=task_accuracy, n_examples=n, predictions=predictions)
+        return QualityReport(accuracy=accuracy, task_accuracy=task_accuracy,
+                             n_examples=sum(len(s) for s in scores.values()), predictions=predictions,
+                             stopped_early=stopped)
 
-    def evaluate(self, generate: GenerateFn, forward: Callable[[torch.Tensor], Any] | None = None) -> QualityReport:
-        """Score a variant: task accuracy through `generate`, agreement/KL through `forward` (if given)."""
+    def _task_bound(self, name: str, scores: list[float]) -> float:
+        """A task's accuracy (points) if every one of its examples not yet scored were right."""
+        n = len(self._examples[name])
+        return 100.0 * (sum(scores) + n - len(scores)) / max(n, 1)
+
+    def _best_possible(self, scores: dict[str, list[float]]) -> float:
+        """Mean task accuracy (points) if every example not yet scored were right."""
+        bounds = [self._task_bound(name, s) for name, s in scores.items()]
+        return sum(bounds) / max(len(bounds), 1)
+
+    def evaluate(self, generate: GenerateFn, forward: Callable[[torch.Tensor], Any] | None = None,
+                 stop_below: float | None = None) -> QualityReport:
+        """Score a variant: task accuracy through `generate`, agreement/KL through `forward` (if given).
+
+        ``stop_below`` (accuracy points): stop scoring tasks once accuracy provably cannot reach it (the report
+        says ``stopped_early``; agreement and KL are then not computed)."""
         self.reference()
-        report = self._score_tasks(generate)
-        if forward is not None and self._free_text:
+        report = self._score_tasks(generate, stop_below)
+        if forward is not None and self._free_text and not report.stopped_early:
             agree, total, kl_sum = 0, 0, 0.0
             with torch.inference_mode():
                 for ids, ref_lp in zip(self._free_text, self._ref_logprobs, strict=True):

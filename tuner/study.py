@@ -227,6 +227,7 @@ class RunSummary:
     started: int = 0
     completed: int = 0
     failed: int = 0
+    pruned: int = 0
     recovered: list[int] = field(default_factory=list)
 
 
@@ -235,7 +236,8 @@ def run_trials(handle: StudyHandle, evaluate: Callable[[optuna.Trial], TrialOutc
                on_trial_end: Callable[[FrozenTrial], None] | None = None) -> RunSummary:
     """Run trials until the study-wide budget is used or the timeout passes.
 
-    A trial whose evaluation raises (including out-of-memory) is recorded as FAIL with its error message
+    A trial whose evaluation raises ``optuna.TrialPruned`` is recorded as PRUNED (it counts against the budget);
+    a trial whose evaluation raises anything else (including out-of-memory) is recorded as FAIL with its error message
     and the study goes on; Ctrl-C fails the trial in flight and propagates.
     """
     if budget is None and timeout_s is None:
@@ -271,6 +273,11 @@ def run_trials(handle: StudyHandle, evaluate: Callable[[optuna.Trial], TrialOutc
                 heartbeat.stop()
                 study.tell(trial, state=TrialState.FAIL)
                 raise
+            except optuna.TrialPruned as exc:  # stopped early: it could no longer meet the budget
+                heartbeat.stop()
+                trial.set_user_attr("autotune:pruned", str(exc)[:500])
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+                summary.pruned += 1
             except Exception as exc:  # noqa: BLE001 - any trial failure is recorded, the study goes on
                 heartbeat.stop()
                 message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from policies import apply_policy, model_fingerprint, policy_from_dict, policy_path, save_policy
 from policies.schema import tool_version
 from policies.store import model_slug
@@ -198,7 +200,17 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
         predicted = _predict(spaces, sections, ctx, cost_metric)
         with apply_policy(model, policy) as tuned:
-            quality = harness.evaluate(tuned.generate, tuned)
+            # Accuracy is scored example by example and stops once the budget is out of reach (an exact bound),
+            # but only once a feasible trial is measured: until then the best-effort policy may be any trial.
+            floor = None
+            if cfg.quality_metric == "accuracy" and _incumbent(handle.study, cfg) is not None:
+                floor = ref_quality - cfg.quality_budget
+            quality = harness.evaluate(tuned.generate, tuned, stop_below=floor)
+            if quality.stopped_early:
+                trial.set_user_attr("sections", sections)
+                trial.set_user_attr("quality", quality.summary())
+                raise optuna.TrialPruned(f"accuracy can reach at most {quality.accuracy:.1f} after "
+                                         f"{quality.n_examples} examples; the budget needs {floor:.1f}")
             value = quality.metric(cfg.quality_metric)
             if dense_ids is not None:
                 _check_lossless(tuned, input_ids, dense_ids, quality.predictions, reference.predictions)

@@ -1,0 +1,75 @@
+"""A trial whose accuracy can no longer meet the budget stops early, is recorded as pruned and is not timed."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import search_spaces
+from policies import registry
+from policies.config import Choice, TechniqueConfig, required
+from policies.registry import FunctionHandle, TechniqueRuntime
+from search_spaces import Preset, SearchSpace
+from tuner.cli import main
+
+NAME = "answer_breaker"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerConfig(TechniqueConfig):
+    technique: ClassVar[str] = NAME
+    mode: str = required(Choice(("off", "on")), "on: the LM head always predicts token 5")
+
+
+class BreakerRuntime(TechniqueRuntime):
+    name = NAME
+    config_class = BreakerConfig
+
+    def apply(self, model: Any, config: Any) -> FunctionHandle:
+        config = self.config_of(config)
+        if config.mode == "off":
+            return FunctionHandle(lambda: None)
+
+        def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+            forced = torch.full_like(out, -1e4)
+            forced[..., 5] = 0.0
+            return forced
+
+        return FunctionHandle(model.get_output_embeddings().register_forward_hook(hook).remove)
+
+
+class BreakerSpace(SearchSpace):
+    name = NAME
+
+    def suggest(self, trial: Any, ctx: Any) -> dict[str, Any]:
+        return {"mode": trial.suggest_categorical("answer_breaker.mode", ["off", "on"])}
+
+    def presets(self, ctx: Any) -> list[Preset]:
+        return [Preset("off", {"answer_breaker.mode": "off"}, {"mode": "off"})]
+
+
+@pytest.fixture
+def breaker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry._RUNTIMES._items, NAME, BreakerRuntime())
+    monkeypatch.setitem(search_spaces._SPACES._items, NAME, BreakerSpace())
+
+
+def test_out_of_reach_trials_are_pruned_after_a_feasible_one(breaker: None, tmp_path: Path, capsys) -> None:
+    code = main(["tune", "--model", "builtin:tiny", "--techniques", NAME, "--budget", "5", "--out", str(tmp_path),
+                 "--quality-budget", "10", "--prompt-tokens", "64", "--new-tokens", "2", "--repeats", "1",
+                 "--examples", "4", "--tasks", "pattern", "--seed", "3"])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(next(tmp_path.glob("*/*.d/trials.csv")).open()))
+    states = {r["number"]: r["state"] for r in rows}
+    modes = {r["number"]: r["sections"] for r in rows}
+    assert len(rows) == 5 and states["0"] == "COMPLETE"  # the preset ("off") is measured first: feasible
+    pruned = [n for n, s in states.items() if s == "PRUNED"]
+    assert pruned, states
+    assert all("'on'" in modes[n] or '"on"' in modes[n] for n in pruned)
+    assert all(s == "COMPLETE" for n, s in states.items() if "on" not in modes[n].replace("mode", ""))
+    assert all(not r["latency_ms"] for r in rows if r["state"] == "PRUNED")  # never timed
