@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policies.testing import tiny_llama
-from search_spaces import speculative_profiler as verify_profiler
+from search_spaces import speculative_profiler
 from search_spaces.speculative_profiler import VerifyCurve, profile_verify
 
 # Talks to transformers internals (cache keyword, hooks, masks): CI also runs it on the oldest supported release.
@@ -30,7 +30,7 @@ def test_a_disturbed_measurement_does_not_survive(monkeypatch):
         spike = 10.0 if (q == 2 and calls["n"] <= 3) else 1.0
         return (1.0 + 0.1 * q) * spike
 
-    monkeypatch.setattr(verify_profiler, "_median_forward_ms", fake)
+    monkeypatch.setattr(speculative_profiler, "_median_forward_ms", fake)
     rows = profile_verify(tiny_llama(), torch.device("cpu"), n_kv=(8,), n_query=(1, 2, 4), passes=2)
     assert [r["ms"] for r in rows] == pytest.approx([1.1, 1.2, 1.4])
 

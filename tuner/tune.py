@@ -199,11 +199,12 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}
         policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
         predicted = _predict(spaces, sections, ctx, cost_metric)
+        incumbent = _incumbent(handle.study, cfg)
         with apply_policy(model, policy) as tuned:
             # Accuracy is scored example by example and stops once the budget is out of reach (an exact bound),
             # but only once a feasible trial is measured: until then the best-effort policy may be any trial.
             floor = None
-            if cfg.quality_metric == "accuracy" and _incumbent(handle.study, cfg) is not None:
+            if cfg.quality_metric == "accuracy" and incumbent is not None:
                 floor = ref_quality - cfg.quality_budget
             quality = harness.evaluate(tuned.generate, tuned, stop_below=floor)
             if quality.stopped_early:
@@ -217,7 +218,6 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
             if predicted is not None:
                 attrs["predicted_ms"] = predicted
-            incumbent = _incumbent(handle.study, cfg)
             if _predicted_dominated(predicted, value, incumbent, cfg, _cost_model_trusted(handle.study)):
                 # Predicted slower than the best feasible trial at no better quality: timing it cannot change
                 # the outcome, so the cost model's number stands in (flagged, never selected as best).
