@@ -6,6 +6,7 @@ Policy section (``techniques.token_retention``)::
                                            # keep[0] == 1.0 (see "positions" below)
     scorer: attention                      # "attention" (FastV / PyramidDrop) or "l2norm" (hidden-row norm)
     window: 8                              # the last w prompt tokens score the others and are never dropped
+    pool: 1                                # odd: max-pool the scores over this many neighbouring rows (SnapKV)
     sinks: 4                               # the first tokens are never dropped (attention sinks)
     scope: null                            # or [start, end): dropping only inside this token span
     min_prompt_tokens: 64                  # shorter prompts run dense
@@ -94,6 +95,7 @@ __all__ = [
     "kept_counts",
     "kept_counts_for_section",
     "kv_cache_bytes",
+    "pool_scores",
     "select_kept",
 ]
 
@@ -124,6 +126,8 @@ class TokenRetentionConfig(TechniqueConfig):
     scorer: str = option("attention", Choice(SCORERS), "how rows are ranked: attention of the window (FastV, "
                          "PyramidDrop) or the hidden row's L2 norm")
     window: int = option(8, Int(min=1), "last w prompt tokens: they score the others and are never dropped")
+    pool: int = option(1, Int(min=1), "odd kernel: each droppable row scores the max over this many neighbouring "
+                       "rows (SnapKV's pooling), so a span survives whole around its best-scored token; 1: off")
     sinks: int = option(4, Int(min=0), "first tokens, never dropped (attention sinks)")
     scope: tuple[int, int] | None = option(
         None, Nullable(ListOf(Int(min=0), min_items=2, max_items=2, what="[start, end) with 0 <= start < end "
@@ -140,6 +144,9 @@ class TokenRetentionConfig(TechniqueConfig):
                 problems.append(f"{path}.keep: must be non-increasing with depth (keep[{i}]={self.keep[i]} > "
                                 f"keep[{i - 1}]={self.keep[i - 1]})")
                 break
+        if self.pool % 2 == 0:
+            problems.append(f"{path}.pool: must be an odd kernel size (the row itself plus as many on each side), "
+                            f"got {self.pool}")
         if self.scope is not None and not self.scope[0] < self.scope[1]:
             problems.append(f"{path}.scope: must be [start, end) with 0 <= start < end integers or null, "
                             f"got {list(self.scope)!r}")
@@ -223,6 +230,18 @@ def droppable_mask(
     last ``window``."""
     start, end = _scope_bounds(n_prompt, scope)
     return (slots >= max(start, sinks)) & (slots < min(end, n_prompt - window))
+
+
+def pool_scores(scores: torch.Tensor, droppable: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each droppable row's score becomes the max over the ``kernel`` droppable rows centred on it (in row
+    order; protected rows neither give nor take). Why: a small model's attention marks one or two tokens of a
+    fact, not all of them, and a passkey's five digits survive only together (SnapKV pools the observation
+    window's scores for the same reason, arXiv 2404.14469)."""
+    if kernel <= 1:
+        return scores
+    masked = torch.where(droppable, torch.nan_to_num(scores.float(), nan=-math.inf), -math.inf)
+    pooled = torch.nn.functional.max_pool1d(masked[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
+    return torch.where(droppable, pooled, scores.float())
 
 
 def select_kept(scores: torch.Tensor, droppable: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -535,7 +554,7 @@ class _Retention:
         self.last_scores[layer - 1] = scores.detach()
         spec = self.config
         droppable = droppable_mask(slots, self.seq.n_prompt, spec.sinks, spec.window, spec.scope)
-        sel = select_kept(scores, droppable, fwd.counts[layer])
+        sel = select_kept(pool_scores(scores, droppable, spec.pool), droppable, fwd.counts[layer])
         fwd.cur_slots = slots[sel]
         fwd.sliced = None
         hidden = hidden[:, sel]

@@ -41,6 +41,7 @@ import math
 import os
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,6 +340,7 @@ def profile_model(
     *,
     batch_size: int = 1,
     logits_to_keep: int | None = None,
+    point_budget_s: float | None = None,
 ) -> ModelProfile:
     """Profile one forward of ``model`` part by part (see the module docstring for what is measured).
 
@@ -346,6 +348,9 @@ def profile_model(
     device) must be where the model's parameters already are: moving a model is the caller's decision.
     ``logits_to_keep`` is passed to the model when it accepts it (``1`` mimics ``generate``'s prefill,
     which only computes the last position's logits); by default the LM head runs over every position.
+    ``point_budget_s`` caps the time this takes: when the first warm-up pair shows one forward is slow (a real
+    model at thousands of tokens takes seconds on a CPU), the remaining warm-ups are skipped and the repeats cut
+    to what fits, never below two (see `fit_repeats`).
     """
     if mode not in ("prefill", "decode"):
         raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
@@ -423,10 +428,16 @@ def profile_model(
 
             gc.collect()
             gc.disable()  # a collection inside one timed run is noise the median need not absorb
-            for _ in range(warmup):
+            done = 0
+            while done < warmup:
+                started = time.perf_counter()
                 run(prepare())
                 with _hooks(parts, _TimeRecorder(len(parts), timer)):
                     run(prepare())
+                synchronize(dev)
+                done += 1
+                if done == 1 and point_budget_s is not None:
+                    warmup, repeats = fit_repeats(time.perf_counter() - started, warmup, repeats, point_budget_s)
             synchronize(dev)
 
             unhooked: list[float] = []
@@ -581,6 +592,15 @@ def _curve_rows(prof: ModelProfile) -> list[dict[str, Any]]:
     return rows
 
 
+def fit_repeats(pair_s: float, warmup: int, repeats: int, budget_s: float) -> tuple[int, int]:
+    """(warm-ups, repeats) for a grid point whose warm-up pair (one plain and one hooked forward) took ``pair_s``:
+    unchanged when ``warmup + repeats`` pairs fit in ``budget_s``, else one warm-up and as many repeats as fit
+    in the rest, at least two (a median of one is no median) and at most ``repeats``."""
+    if (warmup + repeats) * pair_s <= budget_s:
+        return warmup, repeats
+    return 1, max(2, min(repeats, int(budget_s / pair_s) - 1))
+
+
 def profile_curves(
     model: nn.Module,
     device: Any = None,
@@ -593,6 +613,7 @@ def profile_curves(
     *,
     batch_size: int = 1,
     progress: Callable[[str], None] | None = None,
+    point_budget_s: float | None = None,
 ) -> pd.DataFrame:
     """Latency/memory per part over a grid of token counts, as a tidy DataFrame.
 
@@ -602,7 +623,7 @@ def profile_curves(
     the rows of one grid point sum to the measured whole forward.  Pass an empty grid to skip a mode.
     Prefill points run with ``logits_to_keep=1``, as ``generate``'s prefill does (on SmolLM2-135M the LM head over
     every row of a 512-token prompt is 220 of 1011 ms, work no generation does); decode points keep every query
-    row's logits (a verify forward needs them all)."""
+    row's logits (a verify forward needs them all). ``point_budget_s``: see `profile_model`."""
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[Mode, int, int]] = [("prefill", int(n), int(n)) for n in prefill_tokens]
     jobs += [("decode", int(q), int(n)) for n in decode_kv_tokens for q in decode_query_tokens]
@@ -621,6 +642,7 @@ def profile_curves(
             batch_size=batch_size,
             # a prefill is priced as generate runs it: the LM head on the last position only
             logits_to_keep=1 if mode == "prefill" else None,
+            point_budget_s=point_budget_s,
         )
         rows.extend(_curve_rows(prof))
     df = pd.DataFrame(

@@ -39,7 +39,11 @@ from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
 
 FAMILIES = ("step", "stages", "prd_cosine", "sigmoid", "free")
-WINDOWS = (1, 4, 8, 16)
+WINDOWS = (1, 4, 8, 16, 32)
+#: Max-pool kernels for the scores (1: off). A small model's attention marks a token or two of a fact: on
+#: SmolLM2-135M at 2k-token passkey prompts, no schedule kept the key without pooling, and kernel 15 kept it
+#: at 2.8x TTFT (benchmarks/RESULTS.md).
+POOLS = (1, 7, 15, 31)
 SINKS = DEFAULTS["sinks"]  # sampled sections keep the runtime's default attention sinks
 MIN_KEEP = 0.02
 
@@ -114,8 +118,10 @@ def schedule_from_params(params: dict[str, Any], n_layers: int) -> list[float]:
 
 
 def section_from_params(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """The section a trial's (or a preset's) parameters describe."""
     return {"keep": schedule_from_params(params, n_layers), "scorer": params["token_retention.scorer"],
-            "window": int(params["token_retention.window"]), "sinks": SINKS}
+            "window": int(params["token_retention.window"]), "sinks": SINKS,
+            "pool": int(params["token_retention.pool"])}
 
 
 class TokenRetentionSpace(SearchSpace):
@@ -144,11 +150,13 @@ class TokenRetentionSpace(SearchSpace):
                 trial.suggest_float(f"token_retention.free.d{i}", 0.3, 1.0)
         trial.suggest_categorical("token_retention.scorer", SCORERS)
         trial.suggest_categorical("token_retention.window", WINDOWS)
+        trial.suggest_categorical("token_retention.pool", POOLS)
         return section_from_params(trial.params, n)
 
     def presets(self, ctx: SearchContext) -> list[Preset]:
         n = ctx.num_layers
-        common = {"token_retention.scorer": "attention", "token_retention.window": 8}
+        # as published: the last tokens' mean attention, unpooled
+        common = {"token_retention.scorer": "attention", "token_retention.window": 8, "token_retention.pool": 1}
         fastv = {"token_retention.family": "step", "token_retention.step.k": max(1, round(2 * n / 32)),
                  "token_retention.step.ratio": 0.5, **common}
         pmod = {"token_retention.family": "prd_cosine", "token_retention.prd.alpha": 0.5,
@@ -185,6 +193,9 @@ class TokenRetentionSpace(SearchSpace):
 
 
 CALIBRATION_REPEATS = 5
+#: Seconds the calibration's rounds may take after the first: five rounds of five schedules at a real model's
+#: 2k-token prompt were over six minutes on a 2-core CPU; a median of fewer rounds is what fits.
+CALIBRATION_BUDGET_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -256,36 +267,58 @@ PER_DROP_REPEATS = 15
 
 
 def _interleaved_medians(model: Any, device: Any, input_ids: Any, sections: dict[str, dict[str, Any] | None],
-                         new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+                         new_tokens: int, repeats: int,
+                         budget_s: float | None = None) -> dict[str, tuple[float, float]]:
     """{name: (median TTFT, median decode step)} of generate calls with each section applied (None: dense),
-    interleaved `repeats` times so that drift on a busy machine hits all of them alike."""
+    interleaved `repeats` times so that drift on a busy machine hits all of them alike. With `budget_s`, the
+    rounds after the first are cut to what fits in it (at least two rounds in all)."""
+    import time
+
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in sections}
+    rounds, done, started = repeats, 0, time.perf_counter()
+    while done < rounds:
+        for name, section in sections.items():
+            # An untimed call of each shape first while calls are short: switching schedules changes every tensor
+            # size, and the first call after a switch pays for it (allocator, kernel caches), which a trial timed
+            # back to back never does (measured: 15-20% slower without on builtin:tiny). Beside a prefill of
+            # seconds that cost is lost in the noise, and a warm-up would double the calibration's time.
+            warm = not samples[name] or samples[name][-1][0] < WARMUP_BELOW_MS
+            samples[name].append(_time_schedule(model, device, input_ids, section, new_tokens, warm))
+        done += 1
+        if done == 1 and budget_s is not None:
+            round_s = time.perf_counter() - started
+            rounds = max(2, min(repeats, int(budget_s / max(round_s, 1e-9))))
+    return {name: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
+            for name, v in samples.items()}
+
+
+#: Calls whose TTFT is above this are timed without a warm-up call first (see `_interleaved_medians`).
+WARMUP_BELOW_MS = 1000.0
+
+
+def _time_schedule(model: Any, device: Any, input_ids: Any, section: dict[str, Any] | None, new_tokens: int,
+                   warm: bool) -> tuple[float, float]:
+    """(TTFT, decode step) in ms of one generate call pair with `section` applied (None: dense)."""
     import torch
 
     from policies.runtime import apply_policy
     from policies.token_retention import TokenRetentionRuntime
     from profilers.timing import time_callable
 
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in sections}
-    for _ in range(repeats):
-        for name, section in sections.items():
-            undo = TokenRetentionRuntime().apply(model, section) if section is not None else None
-            try:
-                with apply_policy(model, None) as handle, torch.inference_mode():
-                    def call(n: int, generate: Any = handle.generate) -> Any:
-                        return generate(input_ids, max_new_tokens=n, min_new_tokens=n)
+    undo = TokenRetentionRuntime().apply(model, section) if section is not None else None
+    try:
+        with apply_policy(model, None) as handle, torch.inference_mode():
+            def call(n: int, generate: Any = handle.generate) -> Any:
+                return generate(input_ids, max_new_tokens=n, min_new_tokens=n)
 
-                    # One untimed call of each shape first, every round: switching schedules changes every
-                    # tensor size, and the first call after a switch pays for it (allocator, kernel caches),
-                    # which a trial timed back to back never does (measured: 15-20% slower without).
-                    ttft = time_callable(lambda: call(1), device, warmup=1, repeats=1).median_ms
-                    full = time_callable(lambda: call(new_tokens), device, warmup=1, repeats=1).median_ms \
-                        if new_tokens > 1 else ttft
-            finally:
-                if undo is not None:
-                    undo.remove()
-            samples[name].append((ttft, (full - ttft) / (new_tokens - 1) if new_tokens > 1 else 0.0))
-    return {name: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
-            for name, v in samples.items()}
+            warmup = 1 if warm else 0
+            ttft = time_callable(lambda: call(1), device, warmup=warmup, repeats=1).median_ms
+            full = time_callable(lambda: call(new_tokens), device, warmup=warmup, repeats=1).median_ms \
+                if new_tokens > 1 else ttft
+    finally:
+        if undo is not None:
+            undo.remove()
+    return ttft, (full - ttft) / (new_tokens - 1) if new_tokens > 1 else 0.0
 
 
 def _section(keep: list[float]) -> dict[str, Any]:
@@ -330,7 +363,7 @@ def calibrate(ctx: SearchContext, model: Any, device: Any, repeats: int = CALIBR
     sections = {name: _section(keep) for name, keep in reference_schedules(ctx.num_layers).items()}
     medians = _interleaved_medians(model, device, _random_ids(model, prompt, device),
                                    {name: (None if name == "dense" else sec) for name, sec in sections.items()},
-                                   new, repeats)
+                                   new, repeats, budget_s=CALIBRATION_BUDGET_S)
     curves = _Curves(ctx)
     prefill_pts, decode_pts, points = [], [], []
     for name, section in sections.items():

@@ -39,6 +39,7 @@ from policies.token_retention import (
     kept_counts,
     kept_counts_for_section,
     kv_cache_bytes,
+    pool_scores,
     select_kept,
 )
 from profilers.hf_compat import cache_arg, output_cache
@@ -484,3 +485,35 @@ def test_apply_policy_generates_with_the_schedule() -> None:
             assert out.shape == dense.shape
         assert model.config._attn_implementation == "sdpa" and _no_hooks(model)
         assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), dense)
+
+
+def test_pool_scores_take_the_best_droppable_neighbour() -> None:
+    scores = torch.tensor([9.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 8.0])
+    droppable = torch.tensor([False, True, True, True, True, True, True, True, False])
+    assert torch.equal(pool_scores(scores, droppable, 1), scores)  # kernel 1: off
+    pooled = pool_scores(scores, droppable, 3)
+    # each droppable row: max of itself and its droppable neighbours; protected rows neither give nor take
+    assert pooled.tolist() == [9.0, 0.0, 5.0, 5.0, 5.0, 0.0, 1.0, 1.0, 8.0]
+    assert pool_scores(scores, droppable, 5).tolist() == [9.0, 5.0, 5.0, 5.0, 5.0, 5.0, 1.0, 1.0, 8.0]
+
+
+def test_pooled_scores_keep_a_span_around_its_best_token() -> None:
+    model = tiny("llama")
+    n, spike = 80, 40
+    handle = apply(model, keep=[1.0, 0.2, 0.2, 0.2], scorer="l2norm", window=4, sinks=2, pool=7,
+                   min_prompt_tokens=8)
+    # one token stands out, its neighbours score worst: only pooling keeps them
+    handle.score_override = lambda layer, hidden, slots: torch.where(slots == spike, 100.0, -slots.float())
+    try:
+        with torch.no_grad():
+            model(prompt(n))
+        kept = set(handle.last_kept_indices[1].tolist())
+        assert set(range(spike - 3, spike + 4)) <= kept
+    finally:
+        handle.remove()
+
+
+def test_an_even_pool_kernel_is_refused_with_its_field() -> None:
+    problems = TokenRetentionConfig.section_problems({"keep": [1.0, 0.5], "pool": 4}, "techniques.token_retention")
+    assert problems == ["techniques.token_retention.pool: must be an odd kernel size (the row itself plus as many "
+                        "on each side), got 4"]

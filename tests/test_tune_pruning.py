@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,7 +60,7 @@ def breaker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(search_spaces._SPACES._items, NAME, BreakerSpace())
 
 
-def test_out_of_reach_trials_are_pruned_after_a_feasible_one(breaker: None, tmp_path: Path, capsys) -> None:
+def test_out_of_reach_trials_are_pruned_and_never_timed(breaker: None, tmp_path: Path, capsys) -> None:
     code = main(["tune", "--model", "builtin:tiny", "--techniques", NAME, "--budget", "5", "--out", str(tmp_path),
                  "--quality-budget", "10", "--prompt-tokens", "64", "--new-tokens", "2", "--repeats", "1",
                  "--examples", "4", "--tasks", "pattern", "--seed", "3"])
@@ -73,3 +74,28 @@ def test_out_of_reach_trials_are_pruned_after_a_feasible_one(breaker: None, tmp_
     assert all("'on'" in modes[n] or '"on"' in modes[n] for n in pruned)
     assert all(s == "COMPLETE" for n, s in states.items() if "on" not in modes[n].replace("mode", ""))
     assert all(not r["latency_ms"] for r in rows if r["state"] == "PRUNED")  # never timed
+
+
+class AlwaysBrokenSpace(BreakerSpace):
+    def suggest(self, trial: Any, ctx: Any) -> dict[str, Any]:
+        return {"mode": trial.suggest_categorical("answer_breaker.mode", ["on"])}
+
+    def presets(self, ctx: Any) -> list[Preset]:
+        return []
+
+
+def test_when_every_trial_is_pruned_the_best_effort_is_measured_in_full(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path, capsys) -> None:
+    monkeypatch.setitem(registry._RUNTIMES._items, NAME, BreakerRuntime())
+    monkeypatch.setitem(search_spaces._SPACES._items, NAME, AlwaysBrokenSpace())
+    code = main(["tune", "--model", "builtin:tiny", "--techniques", NAME, "--budget", "2", "--out", str(tmp_path),
+                 "--quality-budget", "10", "--prompt-tokens", "64", "--new-tokens", "2", "--repeats", "1",
+                 "--examples", "4", "--tasks", "pattern", "--json"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    rows = list(csv.DictReader(next(tmp_path.glob("*/*.d/trials.csv")).open()))
+    assert [r["state"] for r in rows] == ["PRUNED", "PRUNED"]
+    assert summary["budget_met"] is False
+    tuned = summary["measured"]["tuned"]
+    assert tuned["quality"] == 0.0 and tuned["latency_ms"] > 0  # scored on all 4 examples and timed
+    assert summary["techniques"] == {NAME: {"mode": "on"}}

@@ -112,21 +112,30 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _workload(args: argparse.Namespace) -> Any:
-    from tuner.models import canonical_dtype
+    from tuner.models import canonical_dtype, workload_defaults
     from tuner.workload import Workload
 
-    return Workload(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, dtype=canonical_dtype(args.dtype))
+    defaults = workload_defaults(args.model)
+    return Workload(prompt_tokens=_given(args.prompt_tokens, defaults.prompt_tokens),
+                    new_tokens=_given(args.new_tokens, defaults.new_tokens), dtype=canonical_dtype(args.dtype))
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _quality(args: argparse.Namespace) -> Any:
+    from tuner.models import workload_defaults
     from tuner.quality import QualityConfig
 
-    tasks = tuple(t for t in args.tasks.split(",") if t)
+    defaults = workload_defaults(args.model)
+    tasks = tuple(t for t in _given(args.tasks, defaults.tasks).split(",") if t)
+    examples = _given(args.examples, defaults.bench_examples if args.command == "bench" else defaults.tune_examples)
     from tuner.tasks import get_task
 
     for t in tasks:
         get_task(t)  # unknown task names are input errors, raised before loading anything
-    return QualityConfig(tasks=tasks, examples_per_task=args.examples)
+    return QualityConfig(tasks=tasks, examples_per_task=examples)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -157,11 +166,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from policies import load_policy_file
     from tuner.bench import run_bench
-    from tuner.models import canonical_dtype
+    from tuner.models import canonical_dtype, workload_defaults
     from tuner.workload import Workload
 
     policy = load_policy_file(args.policy) if args.policy else None
-    base = Workload.from_policy(policy) if policy is not None else Workload()
+    if policy is not None:
+        base = Workload.from_policy(policy)
+    else:
+        defaults = workload_defaults(args.model)
+        base = Workload(prompt_tokens=defaults.prompt_tokens, new_tokens=defaults.new_tokens)
     workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
                         new_tokens=args.new_tokens or base.new_tokens,
                         dtype=canonical_dtype(args.dtype) if args.dtype is not None else base.dtype)
@@ -263,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-remote-code", action="store_true",
                        help="run modelling code shipped inside the checkpoint (LLaDA, Dream); off by default")
 
-    def quality_opts(p: argparse.ArgumentParser, examples: int) -> None:
-        p.add_argument("--tasks", default="needle,pattern", help="built-in tasks scored for quality")
-        p.add_argument("--examples", type=int, default=examples, help="examples per task")
+    def quality_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tasks", default=None, help="built-in tasks scored for quality (default: the model's; "
+                                                     "needle,pattern for models that are not built in)")
+        p.add_argument("--examples", type=int, default=None, help="examples per task (default: the model's, 20 "
+                                                                  "for models that are not built in)")
 
     p = add("devices", cmd_devices, "List this machine's devices with their fingerprints and ids.")
     p.add_argument("--json", action="store_true")
@@ -294,12 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: a journal file under --out)")
     p.add_argument("--study", default=None, help="study name (default: model--device--techniques)")
     p.add_argument("--out", default="policies", help="policy store directory")
-    p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="timed prompt length (default: the model's, "
+                                                                   "1024 for models that are not built in)")
+    p.add_argument("--new-tokens", type=int, default=None, help="timed new tokens (default: the model's, 32)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats per trial (median)")
     p.add_argument("--draft-model", default=None,
                    help="speculative: draft model sharing the tokenizer (default: the one known for --model)")
-    quality_opts(p, examples=20)
+    quality_opts(p)
     p.add_argument("--json", action="store_true")
 
     p = add("bench", cmd_bench, "Dense vs a policy vs paper presets, side by side in one run.")
@@ -309,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-presets", action="store_true")
-    quality_opts(p, examples=20)
+    quality_opts(p)
     p.add_argument("--json", action="store_true")
 
     p = add("run", cmd_run, "Generate with the policy that matches this device (dense without one).")

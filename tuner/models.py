@@ -35,6 +35,15 @@ def default_draft_model(model_id: str | None) -> str | None:
     return draft if (get_builtin_model(draft).checkpoint / "config.json").is_file() else None
 
 
+def workload_defaults(model_id: str) -> Any:
+    """The `tuner.builtin.WorkloadDefaults` of a built-in model (tasks, examples, prompt length), or the
+    generic ones for anything else (a user's checkpoint directory or GGUF file)."""
+    from tuner.builtin import BUILTIN_MODELS, WorkloadDefaults
+
+    entry = BUILTIN_MODELS.get(model_id.removeprefix(BUILTIN_PREFIX)) if model_id.startswith(BUILTIN_PREFIX) else None
+    return entry.defaults if entry is not None else WorkloadDefaults()
+
+
 class ModelSpecError(ValueError):
     """The --model value names nothing loadable (bad builtin name, missing directory)."""
 

@@ -200,12 +200,17 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
         predicted = _predict(spaces, sections, ctx, cost_metric)
         incumbent = _incumbent(handle.study, cfg)
+        if _ruled_out(predicted, incumbent, cfg, _cost_model_trusted(handle.study)):
+            # Predicted slower than the best feasible trial: whatever its quality, it cannot be the policy, so
+            # neither quality nor timing is spent on it.
+            trial.set_user_attr("sections", sections)
+            trial.set_user_attr("predicted_ms", predicted)
+            raise optuna.TrialPruned(f"predicted {predicted:.1f} ms, over {1 + RULE_OUT_MARGIN:.2f}x the best "
+                                     f"feasible trial's {incumbent.values[0]:.1f} ms")
         with apply_policy(model, policy) as tuned:
-            # Accuracy is scored example by example and stops once the budget is out of reach (an exact bound),
-            # but only once a feasible trial is measured: until then the best-effort policy may be any trial.
-            floor = None
-            if cfg.quality_metric == "accuracy" and incumbent is not None:
-                floor = ref_quality - cfg.quality_budget
+            # Accuracy is scored example by example and stops once the budget is out of reach (an exact bound).
+            # Should every trial stop so, the best effort is measured in full after the study (`_best_effort`).
+            floor = ref_quality - cfg.quality_budget if cfg.quality_metric == "accuracy" else None
             quality = harness.evaluate(tuned.generate, tuned, stop_below=floor)
             if quality.stopped_early:
                 trial.set_user_attr("sections", sections)
@@ -216,52 +221,63 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             if dense_ids is not None:
                 _check_lossless(tuned, input_ids, dense_ids, quality.predictions, reference.predictions)
             attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
+            measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
+                                          torch_device(device), repeats=cfg.repeats, forward=tuned)
+            attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))
+            objective_value = getattr(measured, cfg.objective)
             if predicted is not None:
                 attrs["predicted_ms"] = predicted
-            if _predicted_dominated(predicted, value, incumbent, cfg, _cost_model_trusted(handle.study)):
-                # Predicted slower than the best feasible trial at no better quality: timing it cannot change
-                # the outcome, so the cost model's number stands in (flagged, never selected as best).
-                attrs["latency_source"] = "predicted"
-                objective_value = float(predicted)  # type: ignore[arg-type]
-            else:
-                measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
-                                              torch_device(device), repeats=cfg.repeats, forward=tuned)
-                attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))
-                attrs["latency_source"] = "measured"
-                objective_value = getattr(measured, cfg.objective)
-                if predicted is not None:
-                    actual = getattr(measured, cost_metric)
-                    attrs["prediction_error"] = (predicted - actual) / actual
+                actual = getattr(measured, cost_metric)
+                attrs["prediction_error"] = (predicted - actual) / actual
         drop = quality_drop(cfg.quality_metric, ref_quality, value)
         return TrialOutcome(values=(objective_value, value), constraint=drop - cfg.quality_budget, user_attrs=attrs)
+
+    def _best_effort(sections: dict[str, Any]) -> dict[str, Any]:
+        """Quality on every example and a timing of `sections`: what a completed trial would have recorded."""
+        policy = policy_from_dict(build_policy_dict(loaded, device, cfg.workload, cfg, sections))
+        with apply_policy(model, policy) as tuned:
+            value = harness.evaluate(tuned.generate, tuned).metric(cfg.quality_metric)
+            measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
+                                          repeats=cfg.repeats, forward=tuned)
+            return {"sections": sections,
+                    "measured": _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))}
 
     run_trials(handle, evaluate, budget=cfg.budget, timeout_s=cfg.timeout_s, show_progress=cfg.show_progress)
     # Finished trials only: presets enqueued beyond the budget stay WAITING and are not part of the result.
     trials = [t for t in handle.study.get_trials(deepcopy=False) if t.state.is_finished()]
     best, met = select_best([t for t in trials if "measured" in t.user_attrs], 0, OBJECTIVES[cfg.objective])
-    if best is None:
-        raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
+    if best is not None:
+        best_number, best_attrs = best.number, best.user_attrs
+    else:
+        pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and "quality" in t.user_attrs]
+        if not pruned:
+            raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
+        # Every trial stopped short of the budget: the one whose partial accuracy reached furthest is the best
+        # effort, scored on every example and timed now (a pruned trial has neither).
+        chosen = max(pruned, key=lambda t: t.user_attrs["quality"]["accuracy"])
+        say(f"no trial met the quality budget; measuring the best effort (trial {chosen.number}) in full")
+        best_number, best_attrs, met = chosen.number, _best_effort(chosen.user_attrs["sections"]), False
     _save_trials(trials, handle.study.directions, artefacts, cfg)
 
     measured = {"baseline": _measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards),
-                "tuned": best.user_attrs["measured"]}
+                "tuned": best_attrs["measured"]}
     tuned_value, dense_value = measured["tuned"][cfg.objective], measured["baseline"][cfg.objective]
     if (tuned_value > dense_value) == (OBJECTIVES[cfg.objective] == "minimize"):
         say(f"warning: no trial beat dense on {cfg.objective} on this device ({tuned_value:.2f} vs dense "
             f"{dense_value:.2f}); the policy is written, but running dense is faster here")
     provenance = {"tool_version": tool_version(), "study": study_name, "storage": handle.storage_url,
-                  "trial": best.number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
+                  "trial": best_number, "seed": cfg.seed, "sampler": cfg.sampler, "created_at": _now(),
                   "n_trials": len(trials)}
     errors = [abs(t.user_attrs["prediction_error"]) for t in trials if "prediction_error" in t.user_attrs]
     if errors:
         provenance["cost_model_median_abs_error"] = round(statistics.median(errors), 4)
         provenance["cost_model_measured_trials"] = len(errors)
-    document = build_policy_dict(loaded, device, cfg.workload, cfg, best.user_attrs["sections"], measured,
+    document = build_policy_dict(loaded, device, cfg.workload, cfg, best_attrs["sections"], measured,
                                  provenance, budget_met=met)
     policy = policy_from_dict(document)
     save_policy(policy, target)
-    say(f"wrote {target} (trial {best.number}, budget {'met' if met else 'NOT met: best effort'})")
-    return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best.number,
+    say(f"wrote {target} (trial {best_number}, budget {'met' if met else 'NOT met: best effort'})")
+    return TuneResult(policy_path=target, policy=document, artefacts_dir=artefacts, best_trial=best_number,
                       budget_met=met, n_trials=len(trials))
 
 
@@ -347,12 +363,20 @@ def _cost_model_trusted(study: Any, min_trials: int = 3, max_error: float = 0.15
     return len(errors) >= min_trials and statistics.median(errors) <= max_error
 
 
-def _predicted_dominated(predicted: float | None, quality: float, incumbent: Any, cfg: TuneConfig,
-                         trusted: bool, margin: float = 0.10) -> bool:
+#: A trial predicted this much slower than the best feasible one is not run (once the cost model is trusted).
+RULE_OUT_MARGIN = 0.10
+
+
+def _ruled_out(predicted: float | None, incumbent: Any, cfg: TuneConfig, trusted: bool) -> bool:
+    """The cost model rules the trial out: predicted slower than the feasible incumbent by the margin."""
     if predicted is None or incumbent is None or not trusted or OBJECTIVES[cfg.objective] != "minimize":
         return False
-    no_better = quality_drop(cfg.quality_metric, incumbent.values[1], quality) >= 0
-    return no_better and predicted > incumbent.values[0] * (1 + margin)
+    return predicted > incumbent.values[0] * (1 + RULE_OUT_MARGIN)
+
+
+#: Seconds one grid point of the study's profile may take: a real model's 2k-token prefill takes ~5 s on a
+#: 2-core CPU, and 15 forwards per point at five repeats made profiling alone 5 minutes of a 15-minute study.
+PROFILE_POINT_BUDGET_S = 10.0
 
 
 def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefacts: Path) -> Any:
@@ -363,7 +387,7 @@ def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefact
     # extrapolated linearly, which misses the fixed cost a layer has at a few tokens.
     grid = sorted({max(16, round(n * f)) for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
     curves = profile_curves(model, torch_device(device), prefill_tokens=tuple(grid), decode_kv_tokens=tuple(grid),
-                            warmup=2, repeats=5)
+                            warmup=2, repeats=5, point_budget_s=PROFILE_POINT_BUDGET_S)
     save_curves(curves, artefacts / "profile.csv")
     return curves
 

@@ -44,6 +44,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "CHECKPOINT_ROOT",
     "UnknownBuiltinModel",
+    "WorkloadDefaults",
     "builtin_checkpoint",
     "cache_root",
     "get_builtin_model",
@@ -61,6 +62,18 @@ def cache_root() -> Path:
 
 
 @dataclass(frozen=True)
+class WorkloadDefaults:
+    """What `tune` and `bench` measure a model on when the command line does not say: the tasks and prompt
+    length its claims are made on (a 5M-parameter toy and a real chat model are not scored on the same tasks)."""
+
+    tasks: str = "needle,pattern"
+    tune_examples: int = 20  # per task, per trial
+    bench_examples: int = 20  # per task, per bench row
+    prompt_tokens: int = 1024
+    new_tokens: int = 32
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
     """One built-in model: where its checkpoint lives and how it is (re)trained or generated."""
 
@@ -73,6 +86,7 @@ class BuiltinModel:
     # "module:function" writing the checkpoint to the directory it is given, for models generated on first
     # use into the cache instead of committed; "" for committed checkpoints
     generated_by: str = ""
+    defaults: WorkloadDefaults = WorkloadDefaults()
 
     @property
     def spec(self) -> str:
@@ -153,7 +167,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
         kind="causal-lm",
         train_module="tuner.builtin.gguf",
+        tasks=("passkey", "passkey-2k", "passkey-4k", "passkey-multi"),
         generated_by="tuner.builtin.gguf:materialize_smollm2",
+        # issue 14's targets: 2k-token passkey prompts; a trial scores 20 examples (stopping early once out of
+        # the budget), a bench row 100 (the fewest an accuracy claim rests on)
+        defaults=WorkloadDefaults(tasks="passkey-2k", tune_examples=20, bench_examples=100, prompt_tokens=2048,
+                                  new_tokens=16),
     ),
 }
 
