@@ -191,3 +191,79 @@ def test_prompt_ids_use_the_chat_template_only_where_there_is_one(tokenizer):
             return {"input_ids": [[7, 8]]}
 
     assert tasks.prompt_ids(Chat(), "hi") == [[7, 8]]
+
+
+@pytest.mark.parametrize("name, sources", [("chat", {"prose", "code"}), ("chat-prose", {"prose"}),
+                                           ("chat-code", {"code"})])
+def test_chat_requests_are_deterministic_and_cover_every_kind(name, sources):
+    task = get_task(name)
+    a, b, c = task.requests(6, seed=0), task.requests(6, seed=0), task.requests(6, seed=1)
+    assert a == b and a != c
+    assert task.requests(4, seed=0) == a[:4]  # a prefix of the same stream
+    if len(sources) == 2:  # any 6 consecutive requests of the mixed task hold every (kind, source) pair once
+        assert {(r.kind, r.source) for r in a} == {(k, s) for k in tasks.CHAT_KINDS for s in sources}
+    assert {r.kind for r in a} == {"explain", "summarise", "continue"} and {r.source for r in a} == sources
+    for r in a:
+        head, passage = r.prompt.split("\n\n", 1)
+        assert head == tasks.CHAT_TEMPLATES[r.source][r.kind].split("\n\n", 1)[0]
+        assert len(passage) > 400
+        assert passage.startswith("```python\n") == (r.source == "code")
+    assert [e.prompt for e in task.examples(6, seed=0)] == [r.prompt for r in a]
+    assert all(e.answer == "" and e.task == name for e in task.examples(6, seed=0))
+
+
+def test_chat_code_passages_come_from_held_out_files():
+    heldout = {p.read_text(encoding="utf-8", errors="replace") for _, p in tasks.stdlib_files("heldout")}
+    for r in get_task("chat-code").requests(3, seed=5):
+        code = r.prompt.split("```python\n", 1)[1].removesuffix("```")
+        assert any(code in text for text in heldout)
+
+
+def test_chat_prose_passages_are_consecutive_reference_paragraphs():
+    paragraphs = set(tasks.prose_paragraphs())
+    for r in get_task("chat-prose").requests(6, seed=2):
+        parts = r.prompt.split("\n\n")[1:]
+        assert 800 < len("\n\n".join(parts)) < 2000  # about n_chars = 1200
+        assert all(p in paragraphs for p in parts[:-1])  # only the last one may be cut at a sentence end
+
+
+def test_chat_tasks_are_workload_only_and_refuse_to_score():
+    for name in tasks.list_tasks():
+        assert get_task(name).workload_only == name.startswith("chat")
+    with pytest.raises(tasks.WorkloadOnlyTaskError) as err:
+        get_task("chat").score("Some reply.", "")
+    assert isinstance(err.value, ValueError)  # the CLI's input-error class: one line, exit 2
+    assert "'chat'" in str(err.value) and "no gold answer" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="sources must be among"):
+        tasks.ChatTask(sources=("poetry",))
+
+
+def test_chat_prompts_go_through_the_chat_template(tokenizer):
+    task = get_task("chat")
+    assert task.chat
+    prompt = task.examples(1, seed=0)[0].prompt
+    seen = []
+
+    class Chat:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            seen.append(messages)
+            return {"input_ids": [[1, 2, 3]]}
+
+    assert tasks.prompt_ids(Chat(), prompt, chat=task.chat) == [[1, 2, 3]]
+    assert seen == [[{"role": "user", "content": prompt}]]
+    # without a template (builtin:tiny's tokenizer) the request is the plain text
+    assert tasks.prompt_ids(tokenizer, prompt, chat=task.chat).tolist() == [tokenizer(prompt).input_ids]
+
+
+def test_a_quality_harness_on_a_chat_task_fails_at_its_dense_reference(monkeypatch):
+    from tuner.models import load_model
+    from tuner.quality import QualityConfig, QualityHarness
+
+    # a short request and one new token: the harness's one dense generation before it scores stays cheap
+    monkeypatch.setitem(tasks.TASKS, "chat-short", tasks.ChatTask(name="chat-short", n_chars=200, max_new_tokens=1))
+    tiny = load_model("builtin:tiny")
+    config = QualityConfig(tasks=("chat-short",), examples_per_task=1, free_text_samples=0)
+    with pytest.raises(tasks.WorkloadOnlyTaskError, match="cannot score quality"):
+        QualityHarness(tiny.model, tiny.tokenizer, config)

@@ -16,6 +16,13 @@ Three tasks, each a :class:`Task` whose :meth:`Task.examples` is a pure function
     standard library (a deterministic split by file path, see :func:`is_heldout`).  Meant for top-1
     agreement / KL metrics against the dense model; its exact-match score (the next line) is only a
     rough signal.
+``passkey`` (and ``-2k``, ``-4k``, ``-multi``)
+    Passkey retrieval in English prose, for chat models (prompts through the chat template).
+``chat`` (and ``chat-prose``, ``chat-code``)
+    Decode-speed workloads for chat models: "explain", "summarise" and "continue" requests over a passage of
+    Python's reference prose or held-out stdlib code. There is no gold answer (the model's own greedy reply
+    is the free text speculative decoding speeds up), so these tasks are ``workload_only``: their
+    :meth:`ChatTask.score` raises :class:`WorkloadOnlyTaskError` instead of scoring quality.
 
 Scoring is exact match of the first line of the prediction, stripped (``Task.score``), i.e. generation
 is read up to the first newline, which is where every answer ends.
@@ -33,13 +40,16 @@ import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "Example",
     "Task",
     "RetrievalTask",
     "PasskeyTask",
+    "ChatTask",
+    "ChatRequest",
+    "WorkloadOnlyTaskError",
     "PatternTask",
     "CodeTask",
     "TASKS",
@@ -110,6 +120,8 @@ class Task:
     max_new_tokens: int = 16
     #: Prompts are a user turn of the model's chat template (when its tokenizer has one), not raw text.
     chat: bool = False
+    #: A workload without gold answers (prompts to time decoding on): ``score`` raises, it measures no quality.
+    workload_only: bool = False
 
     def examples(self, n: int, seed: int) -> list[Example]:
         """``n`` examples, a pure function of ``(task parameters, n, seed)``."""
@@ -505,6 +517,134 @@ class PasskeyTask(Task):
         return 1.0 if found is not None and found.group() == answer else 0.0
 
 
+# -------------------------------------------------------------------------------------------------- chat
+
+#: What a chat request asks for, by passage source ("prose" or "code"); ``{passage}`` is the passage.
+CHAT_TEMPLATES: dict[str, dict[str, str]] = {
+    "prose": {
+        "explain": "Explain what the following text says in plain words:\n\n{passage}",
+        "summarise": "Summarise the following text in a few sentences:\n\n{passage}",
+        "continue": "Continue the following text:\n\n{passage}",
+    },
+    "code": {
+        "explain": "Explain what the following Python code does in plain words:\n\n```python\n{passage}```",
+        "summarise": "Summarise what the following Python code does in a few sentences:\n\n```python\n{passage}```",
+        "continue": "Continue the following Python code:\n\n```python\n{passage}```",
+    },
+}
+CHAT_KINDS = ("explain", "summarise", "continue")
+CHAT_SOURCES = ("prose", "code")
+
+
+class WorkloadOnlyTaskError(ValueError):
+    """A workload-only task (no gold answer) was asked to score quality."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat request of a :class:`ChatTask`: what it asks (``kind``), over what (``source``), the prompt."""
+
+    kind: str
+    source: str
+    prompt: str
+
+
+def _cut_at_sentence(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, at the last sentence end (else word end) before it."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    if end >= limit // 4:
+        return text[: end + 1]
+    space = text.rfind(" ", 0, limit)
+    return text[: space if space > 0 else limit]
+
+
+def prose_passage(rng: random.Random, n_chars: int) -> str:
+    """Consecutive paragraphs of :func:`prose_paragraphs` from a random one, about ``n_chars`` characters in
+    all (a paragraph that would overshoot by more than half of ``n_chars`` is cut at a sentence end)."""
+    paragraphs = prose_paragraphs()
+    index = rng.randrange(len(paragraphs))
+    out: list[str] = []
+    total = 0
+    while total < n_chars:
+        room = n_chars - total
+        if out and room < 80:
+            break
+        text = paragraphs[index % len(paragraphs)]
+        if len(text) > room + n_chars // 2:
+            text = _cut_at_sentence(text, room)
+        out.append(text)
+        total += len(text) + 2
+        index += 1
+    return "\n\n".join(out)
+
+
+@dataclass(repr=False)
+class ChatTask(Task):
+    """Chat requests to time decoding on: "explain", "summarise" or "continue" over about ``n_chars``
+    characters of Python's reference prose (:func:`prose_paragraphs`) or of held-out stdlib code
+    (:func:`_code_window`), as a user turn of the chat template (``chat``).
+
+    Example ``i`` asks ``kinds[i % len(kinds)]`` over ``sources[(i // len(kinds)) % len(sources)]``, so any
+    ``len(kinds) * len(sources)`` consecutive examples hold every (kind, source) pair once; the passages are
+    drawn from the seed. There is no gold answer: what a model replies, greedily, is the free text a lossless
+    technique (speculative decoding) must reproduce token for token and speed up, which is checked against the
+    dense model's own output, not against a fixed string. So the task is ``workload_only``: ``answer`` is ""
+    and :meth:`score` raises :class:`WorkloadOnlyTaskError` (a quality harness asked to score it fails at its
+    dense reference, before any trial, rather than report a meaningless accuracy)."""
+
+    name: str = "chat"
+    description: str = ("decode workload (no gold answer): explain / summarise / continue requests over reference "
+                        "prose and stdlib code")
+    max_new_tokens: int = 64
+    chat: bool = True
+    sources: tuple[str, ...] = CHAT_SOURCES
+    kinds: tuple[str, ...] = CHAT_KINDS
+    n_chars: int = 1200
+    workload_only: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sources if s not in CHAT_TEMPLATES] + [k for k in self.kinds if k not in CHAT_KINDS]
+        if bad or not self.sources or not self.kinds:
+            raise ValueError(f"chat task {self.name!r}: sources must be among {CHAT_SOURCES} and kinds among "
+                             f"{CHAT_KINDS} (non-empty), got {list(self.sources)} and {list(self.kinds)}")
+
+    def requests(self, n: int, seed: int) -> list[ChatRequest]:
+        """``n`` requests, a pure function of ``(task parameters, n, seed)``; ``examples`` wraps them."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}:{seed}")
+        out = []
+        for i in range(n):
+            kind = self.kinds[i % len(self.kinds)]
+            source = self.sources[(i // len(self.kinds)) % len(self.sources)]
+            out.append(ChatRequest(kind, source, self.prompt(rng, kind, source)))
+        return out
+
+    def prompt(self, rng: random.Random, kind: str, source: str) -> str:
+        """A ``kind`` request over a passage of ``source`` drawn from ``rng``."""
+        if source == "prose":
+            passage = prose_passage(rng, self.n_chars)
+        else:
+            passage = _code_window(rng, self.n_chars)[0]
+        return CHAT_TEMPLATES[source][kind].format(passage=passage)
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        """The requests as examples with an empty ``answer`` (there is none; see the class docstring)."""
+        return [Example(r.prompt, "", self.name) for r in self.requests(n, seed)]
+
+    def example(self, rng: random.Random) -> Example:
+        return Example(self.prompt(rng, self.kinds[0], self.sources[0]), "", self.name)
+
+    def score(self, prediction: str, answer: str) -> float:
+        """Refused: a chat request has no gold answer to score against (:class:`WorkloadOnlyTaskError`)."""
+        raise WorkloadOnlyTaskError(
+            f"task {self.name!r} is a decode-speed workload with no gold answer, so it cannot score quality; "
+            "use it to time decoding (lossless techniques are checked token for token against dense output) and "
+            "score quality on other tasks (needle, pattern, passkey)")
+
+
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool = True) -> Any:
     """The prompt's ids, shape (1, n): as a user turn of the tokenizer's chat template when ``chat`` and it has
     one (chat models answer only that way), else the plain text."""
@@ -536,6 +676,13 @@ TASKS: dict[str, Task] = {
                                  description="five labelled keys in ~2k tokens of prose, one asked for"),
     "pattern": PatternTask(),
     "code": CodeTask(),
+    "chat": ChatTask(),
+    "chat-prose": ChatTask(name="chat-prose", sources=("prose",),
+                           description="decode workload (no gold answer): explain / summarise / continue requests "
+                                       "over reference prose"),
+    "chat-code": ChatTask(name="chat-code", sources=("code",),
+                          description="decode workload (no gold answer): explain / summarise / continue requests "
+                                      "over held-out stdlib code"),
 }
 
 
