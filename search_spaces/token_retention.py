@@ -163,11 +163,16 @@ class TokenRetentionSpace(SearchSpace):
                 "token_retention.prd.max": 0.85, "token_retention.prd.min": 0.15, **common}
         pdrop = {"token_retention.family": "stages", "token_retention.stages.n": 3,
                  "token_retention.stages.lambda": 0.5, **common}
+        # PyramidDrop's schedule ranked as SnapKV ranks prompt rows: a 32-token observation window, scores pooled
+        # over 7 neighbours (SnapKV, arXiv 2404.14469; its reference code pools with kernels of 5-7)
+        snap = {**pdrop, "token_retention.window": 32, "token_retention.pool": 7}
         return [
             Preset("fastv", fastv, section_from_params(fastv, n), "FastV K=2 (of 32 layers, scaled), R=50%"),
             Preset("pmod", pmod, section_from_params(pmod, n), "p-MoD shiftedcos_decay_0.85_0.15, alpha 0.5"),
             Preset("pyramiddrop", pdrop, section_from_params(pdrop, n),
                    "PyramidDrop stages L/4, L/2, 3L/4, lambda 0.5"),
+            Preset("pyramiddrop-snapkv", snap, section_from_params(snap, n),
+                   "PyramidDrop's stages, rows ranked by SnapKV's pooled window attention (window 32, kernel 7)"),
         ]
 
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> TokenRetentionState:
@@ -195,7 +200,7 @@ class TokenRetentionSpace(SearchSpace):
 CALIBRATION_REPEATS = 5
 #: Seconds the calibration's rounds may take after the first: five rounds of five schedules at a real model's
 #: 2k-token prompt were over six minutes on a 2-core CPU; a median of fewer rounds is what fits.
-CALIBRATION_BUDGET_S = 90.0
+CALIBRATION_BUDGET_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -278,12 +283,7 @@ def _interleaved_medians(model: Any, device: Any, input_ids: Any, sections: dict
     rounds, done, started = repeats, 0, time.perf_counter()
     while done < rounds:
         for name, section in sections.items():
-            # An untimed call of each shape first while calls are short: switching schedules changes every tensor
-            # size, and the first call after a switch pays for it (allocator, kernel caches), which a trial timed
-            # back to back never does (measured: 15-20% slower without on builtin:tiny). Beside a prefill of
-            # seconds that cost is lost in the noise, and a warm-up would double the calibration's time.
-            warm = not samples[name] or samples[name][-1][0] < WARMUP_BELOW_MS
-            samples[name].append(_time_schedule(model, device, input_ids, section, new_tokens, warm))
+            samples[name].append(_time_schedule(model, device, input_ids, section, new_tokens))
         done += 1
         if done == 1 and budget_s is not None:
             round_s = time.perf_counter() - started
@@ -292,13 +292,18 @@ def _interleaved_medians(model: Any, device: Any, input_ids: Any, sections: dict
             for name, v in samples.items()}
 
 
-#: Calls whose TTFT is above this are timed without a warm-up call first (see `_interleaved_medians`).
+#: Calls shorter than this are timed twice in a row, the second time counted (see `_time_schedule`).
 WARMUP_BELOW_MS = 1000.0
 
 
-def _time_schedule(model: Any, device: Any, input_ids: Any, section: dict[str, Any] | None, new_tokens: int,
-                   warm: bool) -> tuple[float, float]:
-    """(TTFT, decode step) in ms of one generate call pair with `section` applied (None: dense)."""
+def _time_schedule(model: Any, device: Any, input_ids: Any, section: dict[str, Any] | None,
+                   new_tokens: int) -> tuple[float, float]:
+    """(TTFT, decode step) in ms of one generate call pair with `section` applied (None: dense).
+
+    Switching schedules changes every tensor size, and the first call after a switch pays for it (allocator,
+    kernel caches), which a trial timed back to back never does (measured: 15-20% slower on builtin:tiny), so a
+    short call is timed again and the second time kept. Beside a call of a second or more that cost is lost in
+    the noise, and timing it twice would double the calibration's time at a real model's prompt lengths."""
     import torch
 
     from policies.runtime import apply_policy
@@ -308,13 +313,16 @@ def _time_schedule(model: Any, device: Any, input_ids: Any, section: dict[str, A
     undo = TokenRetentionRuntime().apply(model, section) if section is not None else None
     try:
         with apply_policy(model, None) as handle, torch.inference_mode():
-            def call(n: int, generate: Any = handle.generate) -> Any:
-                return generate(input_ids, max_new_tokens=n, min_new_tokens=n)
+            def timed(n: int, generate: Any = handle.generate) -> float:
+                def once() -> float:
+                    return time_callable(lambda: generate(input_ids, max_new_tokens=n, min_new_tokens=n), device,
+                                         warmup=0, repeats=1).median_ms
 
-            warmup = 1 if warm else 0
-            ttft = time_callable(lambda: call(1), device, warmup=warmup, repeats=1).median_ms
-            full = time_callable(lambda: call(new_tokens), device, warmup=warmup, repeats=1).median_ms \
-                if new_tokens > 1 else ttft
+                ms = once()
+                return once() if ms < WARMUP_BELOW_MS else ms
+
+            ttft = timed(1)
+            full = timed(new_tokens) if new_tokens > 1 else ttft
     finally:
         if undo is not None:
             undo.remove()

@@ -201,7 +201,10 @@ def test_chat_requests_are_deterministic_and_cover_every_kind(name, sources):
     assert a == b and a != c
     assert task.requests(4, seed=0) == a[:4]  # a prefix of the same stream
     if len(sources) == 2:  # any 6 consecutive requests of the mixed task hold every (kind, source) pair once
-        assert {(r.kind, r.source) for r in a} == {(k, s) for k in tasks.CHAT_KINDS for s in sources}
+        for start in (0, 1, 4):
+            window = task.requests(start + 6, seed=0)[start:]
+            assert {(r.kind, r.source) for r in window} == {(k, s) for k in tasks.CHAT_KINDS for s in sources}
+        assert {r.source for r in a[:2]} == sources and {r.kind for r in a[:3]} == set(tasks.CHAT_KINDS)
     assert {r.kind for r in a} == {"explain", "summarise", "continue"} and {r.source for r in a} == sources
     for r in a:
         head, passage = r.prompt.split("\n\n", 1)

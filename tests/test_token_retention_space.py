@@ -41,11 +41,18 @@ def test_pyramiddrop_and_fastv_presets_at_32_layers():
     assert step_schedule(32, 2, 0.5) == [1.0, 1.0] + [0.5] * 30
 
 
+def test_the_snapkv_ranked_preset_keeps_pyramiddrops_schedule():
+    presets = {p.name: p.section for p in get_search_space("token_retention").presets(_ctx(32))}
+    snap, pdrop = presets["pyramiddrop-snapkv"], presets["pyramiddrop"]
+    assert snap["keep"] == pdrop["keep"] and (pdrop["window"], pdrop["pool"]) == (8, 1)
+    assert (snap["window"], snap["pool"]) == (32, 7)
+
+
 @pytest.mark.parametrize("n_layers", [2, 6, 32])
 def test_presets_are_valid_sections_scaled_to_depth(n_layers):
     space, runtime = get_search_space("token_retention"), get_runtime("token_retention")
     presets = space.presets(_ctx(n_layers))
-    assert [p.name for p in presets] == ["fastv", "pmod", "pyramiddrop"]
+    assert [p.name for p in presets] == ["fastv", "pmod", "pyramiddrop", "pyramiddrop-snapkv"]
     for preset in presets:
         assert len(preset.section["keep"]) == n_layers
         assert runtime.validate(preset.section, PATH) == []

@@ -586,13 +586,16 @@ class ChatTask(Task):
     characters of Python's reference prose (:func:`prose_paragraphs`) or of held-out stdlib code
     (:func:`_code_window`), as a user turn of the chat template (``chat``).
 
-    Example ``i`` asks ``kinds[i % len(kinds)]`` over ``sources[(i // len(kinds)) % len(sources)]``, so any
-    ``len(kinds) * len(sources)`` consecutive examples hold every (kind, source) pair once; the passages are
-    drawn from the seed. There is no gold answer: what a model replies, greedily, is the free text a lossless
-    technique (speculative decoding) must reproduce token for token and speed up, which is checked against the
-    dense model's own output, not against a fixed string. So the task is ``workload_only``: ``answer`` is ""
-    and :meth:`score` raises :class:`WorkloadOnlyTaskError` (a quality harness asked to score it fails at its
-    dense reference, before any trial, rather than report a meaningless accuracy)."""
+    Example ``i`` asks ``kinds[i % K]`` over ``sources[(i % K + i // K) % S]`` (K kinds, S sources): both change
+    from one example to the next, so a few examples already mix kinds and sources (the first K hold every kind
+    and, as K >= S here, every source) and any K * S consecutive ones hold every (kind, source) pair once. The
+    passages are drawn from the seed.
+
+    There is no gold answer: what a model replies, greedily, is the free text a lossless technique (speculative
+    decoding) must reproduce token for token and speed up, and that is checked against the dense model's own
+    output, not a fixed string. So the task is ``workload_only``: ``answer`` is "" and :meth:`score` raises
+    :class:`WorkloadOnlyTaskError` (a quality harness asked to score it fails at its dense reference, before any
+    trial, rather than report a meaningless accuracy)."""
 
     name: str = "chat"
     description: str = ("decode workload (no gold answer): explain / summarise / continue requests over reference "
@@ -616,9 +619,10 @@ class ChatTask(Task):
             raise ValueError(f"n must be >= 0, got {n}")
         rng = random.Random(f"{self.name}:{seed}")
         out = []
+        k, n_sources = len(self.kinds), len(self.sources)
         for i in range(n):
-            kind = self.kinds[i % len(self.kinds)]
-            source = self.sources[(i // len(self.kinds)) % len(self.sources)]
+            kind = self.kinds[i % k]
+            source = self.sources[(i % k + i // k) % n_sources]
             out.append(ChatRequest(kind, source, self.prompt(rng, kind, source)))
         return out
 

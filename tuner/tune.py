@@ -28,6 +28,7 @@ from tuner.measure import GenerationMeasurement, forwards_per_token, measure_gen
 from tuner.models import LoadedModel, default_draft_model, load_model
 from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
 from tuner.study import (
+    CONSTRAINT_KEY,
     StudyConfigError,
     TrialOutcome,
     check_storage,
@@ -215,6 +216,9 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             if quality.stopped_early:
                 trial.set_user_attr("sections", sections)
                 trial.set_user_attr("quality", quality.summary())
+                # how far even the best case misses the budget: the sampler ranks stopped trials by it
+                trial.set_constraint(CONSTRAINT_KEY, quality_drop(cfg.quality_metric, ref_quality, quality.accuracy)
+                                     - cfg.quality_budget)
                 raise optuna.TrialPruned(f"accuracy can reach at most {quality.accuracy:.1f} after "
                                          f"{quality.n_examples} examples; the budget needs {floor:.1f}")
             value = quality.metric(cfg.quality_metric)
@@ -376,7 +380,7 @@ def _ruled_out(predicted: float | None, incumbent: Any, cfg: TuneConfig, trusted
 
 #: Seconds one grid point of the study's profile may take: a real model's 2k-token prefill takes ~5 s on a
 #: 2-core CPU, and 15 forwards per point at five repeats made profiling alone 5 minutes of a 15-minute study.
-PROFILE_POINT_BUDGET_S = 10.0
+PROFILE_POINT_BUDGET_S = 5.0
 
 
 def _profile(model: Any, device: DeviceFingerprint, workload: Workload, artefacts: Path) -> Any:
