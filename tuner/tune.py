@@ -209,11 +209,16 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             raise optuna.TrialPruned(f"predicted {predicted:.1f} ms, over {1 + RULE_OUT_MARGIN:.2f}x the best "
                                      f"feasible trial's {incumbent.values[0]:.1f} ms")
         with apply_policy(model, policy) as tuned:
+            if dense_ids is not None:
+                # one greedy generation, before any quality work: a lossy bug fails the trial, never prunes it
+                _check_greedy_output(tuned, input_ids, dense_ids)
             # Accuracy is scored example by example and stops once the budget is out of reach (an exact bound).
             # Should every trial stop so, the best effort is measured in full after the study (`_best_effort`).
             floor = ref_quality - cfg.quality_budget if cfg.quality_metric == "accuracy" else None
             quality = harness.evaluate(tuned.generate, tuned, stop_below=floor)
             if quality.stopped_early:
+                if dense_ids is not None:
+                    raise LosslessViolation("lossless guard: task answers fell below dense greedy accuracy")
                 trial.set_user_attr("sections", sections)
                 trial.set_user_attr("quality", quality.summary())
                 # how far even the best case misses the budget: the sampler ranks stopped trials by it
@@ -223,7 +228,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                                          f"{quality.n_examples} examples; the budget needs {floor:.1f}")
             value = quality.metric(cfg.quality_metric)
             if dense_ids is not None:
-                _check_lossless(tuned, input_ids, dense_ids, quality.predictions, reference.predictions)
+                _check_same_answers(quality.predictions, reference.predictions)
             attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
             measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
                                           torch_device(device), repeats=cfg.repeats, forward=tuned)
@@ -307,9 +312,8 @@ def _greedy_ids(model: Any, input_ids: Any, n: int) -> Any:
                               attention_mask=torch.ones_like(input_ids), pad_token_id=0)
 
 
-def _check_lossless(handle: Any, input_ids: Any, dense_ids: Any, predictions: dict[str, list[str]],
-                    reference: dict[str, list[str]]) -> None:
-    """Fail the trial (raise) when its greedy output differs from dense in any token."""
+def _check_greedy_output(handle: Any, input_ids: Any, dense_ids: Any) -> None:
+    """Fail the trial (raise) when its greedy output on the timing prompt differs from dense in any token."""
     import torch
 
     n = dense_ids.shape[1] - input_ids.shape[1]
@@ -319,6 +323,10 @@ def _check_lossless(handle: Any, input_ids: Any, dense_ids: Any, predictions: di
         differ = (out[0, :dense_ids.shape[1]] != dense_ids[0, :out.shape[1]]).nonzero()
         at = int(differ[0]) - input_ids.shape[1] if differ.numel() else min(out.shape[1], dense_ids.shape[1])
         raise LosslessViolation(f"lossless guard: greedy output differs from dense at generated token {at}")
+
+
+def _check_same_answers(predictions: dict[str, list[str]], reference: dict[str, list[str]]) -> None:
+    """Fail the trial (raise) when any task answer differs from dense greedy's."""
     for task, answers in reference.items():
         if predictions.get(task) != answers:
             raise LosslessViolation(f"lossless guard: task {task!r} answers differ from dense greedy")
