@@ -11,7 +11,10 @@ score them):
                shiftedcos_decay_0.85_0.15 schedule: 8 full layers, 0.844 -> 0.156, then 0.15, for L=32).
 - `sigmoid`    a parametric sigmoid over relative depth (centre c, steepness k, floor m), as in
                "Accelerating MLLMs by Searching Optimal Vision Token Reduction" (arXiv 2412.00556).
-- `free`       per-layer multiplicative decays in [0.5, 1], so any monotone schedule is reachable.
+- `free`       multiplicative decays in [0.3, 1] over up to FREE_SEGMENTS equal runs of layers (one per layer
+               on a model of 7 layers or fewer), so any monotone step schedule over those runs is reachable. Not
+               one per layer on a deep model: 29 dimensions for SmolLM2's 30 layers, which a budget of tens of
+               trials cannot learn.
 
 The cost hook predicts prefill latency from this device's per-layer curves: the sum over layers of
 latency(layer, tokens kept there), scaled, plus a fixed part and a cost per drop point, calibrated in `prepare`
@@ -46,6 +49,7 @@ WINDOWS = (1, 4, 8, 16, 32)
 POOLS = (1, 7, 15, 31)
 SINKS = DEFAULTS["sinks"]  # sampled sections keep the runtime's default attention sinks
 MIN_KEEP = 0.02
+FREE_SEGMENTS = 6
 
 
 def _finish(keep: list[float]) -> list[float]:
@@ -91,11 +95,19 @@ def sigmoid_schedule(n_layers: int, centre: float, steepness: float, floor: floa
                     for layer in range(n_layers)])
 
 
-def free_schedule(decays: list[float]) -> list[float]:
-    """keep[0] = 1, keep[l] = keep[l-1] * decays[l-1]."""
+def free_segments(n_layers: int) -> int:
+    """How many decays the `free` family samples for a model of `n_layers` layers."""
+    return max(1, min(FREE_SEGMENTS, n_layers - 1))
+
+
+def free_schedule(decays: list[float], n_layers: int | None = None) -> list[float]:
+    """keep[0] = 1; layers 1.. form len(decays) equal runs, run s keeping the product of decays[:s + 1].
+    With one decay per layer (`n_layers` omitted or len(decays) + 1) that is keep[l] = keep[l-1] * decays[l-1]."""
+    n = len(decays) + 1 if n_layers is None else n_layers
     keep = [1.0]
-    for d in decays:
-        keep.append(keep[-1] * d)
+    for layer in range(1, n):
+        segment = (layer - 1) * len(decays) // max(n - 1, 1)
+        keep.append(math.prod(decays[:segment + 1]))
     return _finish(keep)
 
 
@@ -113,7 +125,8 @@ def schedule_from_params(params: dict[str, Any], n_layers: int) -> list[float]:
         return sigmoid_schedule(n_layers, params["token_retention.sigmoid.centre"],
                                 params["token_retention.sigmoid.steepness"], params["token_retention.sigmoid.floor"])
     if family == "free":
-        return free_schedule([params[f"token_retention.free.d{i}"] for i in range(1, n_layers)])
+        return free_schedule([params[f"token_retention.free.d{i}"] for i in range(1, free_segments(n_layers) + 1)],
+                             n_layers)
     raise ValueError(f"unknown token-retention family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -146,7 +159,7 @@ class TokenRetentionSpace(SearchSpace):
             trial.suggest_float("token_retention.sigmoid.steepness", 2.0, 30.0)
             trial.suggest_float("token_retention.sigmoid.floor", 0.03, 0.9)
         else:
-            for i in range(1, n):
+            for i in range(1, free_segments(n) + 1):
                 trial.suggest_float(f"token_retention.free.d{i}", 0.3, 1.0)
         trial.suggest_categorical("token_retention.scorer", SCORERS)
         trial.suggest_categorical("token_retention.window", WINDOWS)

@@ -84,6 +84,20 @@ def test_accuracy_stops_as_soon_as_the_floor_is_out_of_reach(tiny):
     stopped = harness.evaluate(wrong, stop_below=60.0)  # after 2 wrong answers at most 50 points are possible
     assert stopped.stopped_early and len(calls) == stopped.n_examples == 2
     assert stopped.accuracy == 50.0 and stopped.top1_agreement is None
+    assert stopped.estimated_accuracy == 25.0  # Laplace: (0 right + 1) / (2 scored + 2)
+    assert full.estimated_accuracy is None and "estimated_accuracy" not in full.summary()
     with apply_policy(tiny.model, None) as dense:  # a variant that can still make it is scored in full
         kept = harness.evaluate(dense.generate, dense, stop_below=100.0)
     assert not kept.stopped_early and kept.accuracy == 100.0 and kept.n_examples == 4
+    # a variant that misses only its third answer stops there, with a better estimate than one that missed both
+    with apply_policy(tiny.model, None) as dense:
+        def dense_then_wrong(input_ids, max_new_tokens, **kwargs):
+            calls.append(1)
+            if len(calls) <= 2:
+                return dense.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+            return wrong(input_ids, max_new_tokens)
+
+        calls.clear()
+        late = harness.evaluate(dense_then_wrong, stop_below=80.0)
+    assert late.stopped_early and late.n_examples == 3 and late.accuracy == 75.0
+    assert late.estimated_accuracy == 60.0 > stopped.estimated_accuracy  # (2 + 1) / (3 + 2)

@@ -189,3 +189,18 @@ def test_linear_cost_fit_around_a_measured_per_event_cost_keeps_only_physical_sc
     # one disturbed reference (the second) would make the fit 1.4x layers minus a fixed cost: refused
     fit = LinearCost.fit([(110.0, 0, 117.6), (106.0, 5, 136.0), (45.0, 5, 50.7)], per_event=0.6)
     assert fit.scale == 1.0 and fit.per_event_ms == 0.6
+
+
+def test_free_family_samples_a_few_runs_of_layers_on_a_deep_model():
+    """One decay per layer up to 7 layers; on a 30-layer model six decays over equal runs of layers."""
+    from search_spaces.token_retention import FREE_SEGMENTS, free_schedule
+
+    assert free_schedule([0.5, 0.9, 0.8]) == [1.0, 0.5, 0.45, 0.36]
+    deep = free_schedule([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 30)
+    assert len(deep) == 30 and deep[:2] == [1.0, 0.9] and len(set(deep[1:])) == FREE_SEGMENTS
+    assert all(a >= b for a, b in zip(deep, deep[1:], strict=False))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"token_retention.family": "free"})
+    trial = study.ask()
+    get_search_space("token_retention").suggest(trial, _ctx(30))
+    assert sum(name.startswith("token_retention.free.") for name in trial.params) == FREE_SEGMENTS

@@ -60,6 +60,10 @@ class QualityReport:
     #: Set when evaluation stopped early (``evaluate(..., stop_below=...)``): even with every remaining example
     #: right, accuracy could not reach the floor. ``accuracy`` is then that upper bound, not a measurement.
     stopped_early: bool = False
+    #: For a stopped report: the accuracy its scored examples suggest, by Laplace's rule of succession
+    #: (100 * (right + 1) / (scored + 2), pooled over the tasks scored so far). A variant that missed its first
+    #: example and one that missed its fifteenth share the bound above; this tells them apart for the sampler.
+    estimated_accuracy: float | None = None
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
@@ -71,8 +75,11 @@ class QualityReport:
         return float(value)
 
     def summary(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "task_accuracy": dict(self.task_accuracy),
-                "top1_agreement": self.top1_agreement, "mean_kl": self.mean_kl, "n_examples": self.n_examples}
+        out = {"accuracy": self.accuracy, "task_accuracy": dict(self.task_accuracy),
+               "top1_agreement": self.top1_agreement, "mean_kl": self.mean_kl, "n_examples": self.n_examples}
+        if self.estimated_accuracy is not None:
+            out["estimated_accuracy"] = self.estimated_accuracy
+        return out
 
 
 def quality_drop(metric: str, reference: float, candidate: float) -> float:
@@ -206,9 +213,10 @@ class QualityHarness:
         task_accuracy = {name: self._task_bound(name, s) if stopped else 100.0 * sum(s) / max(len(s), 1)
                          for name, s in scores.items()}
         accuracy = sum(task_accuracy.values()) / max(len(task_accuracy), 1)
-        return QualityReport(accuracy=accuracy, task_accuracy=task_accuracy,
-                             n_examples=sum(len(s) for s in scores.values()), predictions=predictions,
-                             stopped_early=stopped)
+        scored = [x for s in scores.values() for x in s]
+        estimate = 100.0 * (sum(scored) + 1) / (len(scored) + 2) if stopped else None
+        return QualityReport(accuracy=accuracy, task_accuracy=task_accuracy, n_examples=len(scored),
+                             predictions=predictions, stopped_early=stopped, estimated_accuracy=estimate)
 
     def _task_bound(self, name: str, scores: list[float]) -> float:
         """A task's accuracy (points) if every one of its examples not yet scored were right."""

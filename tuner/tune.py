@@ -221,9 +221,12 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                     raise LosslessViolation("lossless guard: task answers fell below dense greedy accuracy")
                 trial.set_user_attr("sections", sections)
                 trial.set_user_attr("quality", quality.summary())
-                # how far even the best case misses the budget: the sampler ranks stopped trials by it
-                trial.set_constraint(CONSTRAINT_KEY, quality_drop(cfg.quality_metric, ref_quality, quality.accuracy)
-                                     - cfg.quality_budget)
+                # how far its estimated accuracy misses the budget: the sampler ranks stopped trials by it (the
+                # exact bound is the same for every trial stopped at its first miss, so it cannot rank them); never
+                # below the bound's miss, which is positive, so a stopped trial always counts as infeasible
+                miss = max(quality_drop(cfg.quality_metric, ref_quality, acc) - cfg.quality_budget
+                           for acc in (quality.accuracy, quality.estimated_accuracy))
+                trial.set_constraint(CONSTRAINT_KEY, miss)
                 raise optuna.TrialPruned(f"accuracy can reach at most {quality.accuracy:.1f} after "
                                          f"{quality.n_examples} examples; the budget needs {floor:.1f}")
             value = quality.metric(cfg.quality_metric)
@@ -263,7 +266,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             raise RuntimeError(f"study {study_name!r} has no completed trial; see failed trials' autotune:error")
         # Every trial stopped short of the budget: the one whose partial accuracy reached furthest is the best
         # effort, scored on every example and timed now (a pruned trial has neither).
-        chosen = max(pruned, key=lambda t: t.user_attrs["quality"]["accuracy"])
+        chosen = max(pruned, key=lambda t: t.user_attrs["quality"].get("estimated_accuracy",
+                                                                        t.user_attrs["quality"]["accuracy"]))
         say(f"no trial met the quality budget; measuring the best effort (trial {chosen.number}) in full")
         best_number, best_attrs, met = chosen.number, _best_effort(chosen.user_attrs["sections"]), False
     _save_trials(trials, handle.study.directions, artefacts, cfg)
