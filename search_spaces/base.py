@@ -46,6 +46,11 @@ class StudyInputs(Protocol):
         """`n` examples (`.prompt`, `.answer`) of the built-in task called `task`."""
         ...
 
+    def task_prompts(self, tokenizer: Any, n: int, device: Any) -> list[tuple[torch.Tensor, int]]:
+        """The first `n` examples of each task the trials are scored on, as the quality harness feeds them (ids
+        of shape (1, n_tokens), chat template where the task asks for it), each with its answer's new tokens."""
+        ...
+
     def time_generation(self, generate: Callable[..., torch.Tensor], input_ids: torch.Tensor, new_tokens: int,
                         device: Any) -> tuple[float, float]:
         """(TTFT ms, end-to-end latency ms) of `generate`, warmed up and timed once as the tuner times trials."""

@@ -40,6 +40,7 @@ import optuna
 from policies.token_retention import DEFAULTS, SCORERS
 from search_spaces import register_search_space
 from search_spaces.base import Preset, SearchContext, SearchSpace
+from search_spaces.token_retention_screen import SCREEN_EXAMPLES, Ranking, RankingScreen, candidates, screen_rankings
 
 FAMILIES = ("step", "stages", "prd_cosine", "sigmoid", "free")
 WINDOWS = (1, 4, 8, 16, 32)
@@ -179,7 +180,7 @@ class TokenRetentionSpace(SearchSpace):
         # PyramidDrop's schedule ranked as SnapKV ranks prompt rows: a 32-token observation window, scores pooled
         # over 7 neighbours (SnapKV, arXiv 2404.14469; its reference code pools with kernels of 5-7)
         snap = {**pdrop, "token_retention.window": 32, "token_retention.pool": 7}
-        return [
+        paper = [
             Preset("fastv", fastv, section_from_params(fastv, n), "FastV K=2 (of 32 layers, scaled), R=50%"),
             Preset("pmod", pmod, section_from_params(pmod, n), "p-MoD shiftedcos_decay_0.85_0.15, alpha 0.5"),
             Preset("pyramiddrop", pdrop, section_from_params(pdrop, n),
@@ -187,12 +188,42 @@ class TokenRetentionSpace(SearchSpace):
             Preset("pyramiddrop-snapkv", snap, section_from_params(snap, n),
                    "PyramidDrop's stages, rows ranked by SnapKV's pooled window attention (window 32, kernel 7)"),
         ]
+        return paper + self._screened_presets(ctx, pdrop)
+
+    def _screened_presets(self, ctx: SearchContext, pdrop: dict[str, Any]) -> list[Preset]:
+        """Study starts from `prepare`'s ranking screen (none without it, e.g. in `bench`): PyramidDrop's schedule,
+        and PyramidDrop's stages at the gentlest lambda the cost model predicts 2x faster than dense, both ranked
+        the way the screen found best on this model. Not paper presets: the sampler's first informed trials."""
+        state = ctx.prepared_or_none(self.name, TokenRetentionState)
+        if state is None or state.screen is None or not state.screen.hit_rate:
+            return []
+        n = ctx.num_layers
+        best = state.screen.best(screen_candidates())
+        ranking = {"token_retention.scorer": best.scorer, "token_retention.window": best.window,
+                   "token_retention.pool": best.pool}
+        hit_rate = state.screen.hit_rate[best.key]
+        how = f"ranked {best.key} (hit rate {hit_rate:.2f} of the answer's most-read rows at keep {state.screen.keep})"
+        out = [Preset("pyramiddrop+screen", {**pdrop, **ranking}, section_from_params({**pdrop, **ranking}, n),
+                      f"PyramidDrop's schedule, {how}")]
+        if state.calibration is not None:
+            dense_ms = self.predict_ms({**section_from_params({**pdrop, **ranking}, n), "keep": [1.0] * n}, ctx)
+            for lam in SCREENED_LAMBDAS:
+                params = {**pdrop, **ranking, "token_retention.stages.lambda": lam}
+                predicted = self.predict_ms(section_from_params(params, n), ctx)
+                if dense_ms is not None and predicted is not None and predicted <= dense_ms / SCREENED_SPEEDUP:
+                    break
+            if lam != pdrop["token_retention.stages.lambda"]:
+                out.append(Preset(f"stages-{lam:g}+screen", params, section_from_params(params, n),
+                                  f"PyramidDrop's stages at lambda {lam:g}, the gentlest predicted "
+                                  f"{SCREENED_SPEEDUP:g}x faster than dense, {how}"))
+        return out
 
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> TokenRetentionState:
         """Calibrate the cost model on real generate calls (see `calibrate`); needs the profile's curves
         (without them: no calibration, and no cost model either)."""
+        screen = _screen(ctx, model, tokenizer, device)
         if ctx.curves is None:
-            return TokenRetentionState(calibration=None)
+            return TokenRetentionState(calibration=None, screen=screen)
         calibration = calibrate(ctx, model, device)
         artefacts = ctx.artefacts
         if artefacts is not None:  # beside the study, for anyone asking why a trial was predicted as it was
@@ -200,7 +231,7 @@ class TokenRetentionSpace(SearchSpace):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(asdict(calibration), indent=2))
             os.replace(tmp, path)
-        return TokenRetentionState(calibration=calibration)
+        return TokenRetentionState(calibration=calibration, screen=screen)
 
     def predict_ms(self, section: dict[str, Any], ctx: SearchContext) -> float | None:
         """Predicted objective (TTFT, or end-to-end latency with decode) of `section` on this device."""
@@ -466,6 +497,33 @@ class TokenRetentionState:
 
     calibration: RetentionCalibration | None
     cost_model: RetentionCostModel | None = None
+    screen: RankingScreen | None = None
+
+
+#: The stages lambdas a screened start may take, gentlest first, and the predicted speed-up it must reach.
+SCREENED_LAMBDAS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+SCREENED_SPEEDUP = 2.0
+
+
+def screen_candidates() -> list[Ranking]:
+    """Every ranking the search samples."""
+    return candidates(SCORERS, WINDOWS, POOLS)
+
+
+def _screen(ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> RankingScreen | None:
+    """The ranking screen on the trials' first examples (None without a tuner's inputs or examples), written
+    beside the study."""
+    inputs = ctx.inputs
+    prompts = inputs.task_prompts(tokenizer, SCREEN_EXAMPLES, device) if inputs is not None else []
+    if not prompts:
+        return None
+    screen = screen_rankings(model, prompts, screen_candidates())
+    if ctx.artefacts is not None:
+        path = Path(ctx.artefacts) / "token_retention_screen.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(screen), indent=2))
+        os.replace(tmp, path)
+    return screen
 
 
 def _cost_model(ctx: SearchContext) -> RetentionCostModel:

@@ -140,6 +140,10 @@ def test_tune_run_bench_report_end_to_end(capsys, tmp_path):
     for row in bench["results"]:
         assert {"name", "ttft_ms", "latency_ms", "tokens_per_s", "peak_memory_mb", "quality",
                 "quality_metric"} <= set(row)
+        assert row["quality_examples"] == 2
+        if row["quality_metric"] == "accuracy":
+            lo, hi = row["quality_ci95"]
+            assert 0.0 <= lo <= row["quality"] <= hi <= 100.0
     assert {"device", "workload", "results"} <= set(bench)
 
     code, out, _ = run_cli(capsys, "report", str(out_dir))

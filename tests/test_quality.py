@@ -101,3 +101,15 @@ def test_accuracy_stops_as_soon_as_the_floor_is_out_of_reach(tiny):
         late = harness.evaluate(dense_then_wrong, stop_below=80.0)
     assert late.stopped_early and late.n_examples == 3 and late.accuracy == 75.0
     assert late.estimated_accuracy == 60.0 > stopped.estimated_accuracy  # (2 + 1) / (3 + 2)
+
+
+def test_wilson_interval_matches_the_textbook_values_and_refuses_no_examples():
+    from tuner.quality import wilson_interval
+
+    lo, hi = wilson_interval(85, 100)  # 85/100: 76.7-90.7 (Wilson 1927; e.g. Newcombe 1998's method 3)
+    assert round(lo, 1) == 76.7 and round(hi, 1) == 90.7
+    lo, hi = wilson_interval(40, 40)  # all right: the interval is not degenerate
+    assert hi == 100.0 and round(lo, 1) == 91.2
+    assert wilson_interval(0, 10)[0] == 0.0
+    with pytest.raises(ValueError, match="at least one example"):
+        wilson_interval(0, 0)

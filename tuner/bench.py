@@ -29,7 +29,7 @@ from tuner.measure import (
     time_generate,
 )
 from tuner.models import default_draft_model, load_model
-from tuner.quality import QualityConfig, QualityHarness
+from tuner.quality import QualityConfig, QualityHarness, QualityReport, wilson_interval
 from tuner.workload import Workload, timing_input_ids
 
 
@@ -76,6 +76,15 @@ def _peer_variants(policy: Policy, model: Any, ctx: SearchContext) -> list[Varia
     return variants
 
 
+def _accuracy_interval(report: QualityReport, metric: str) -> tuple[float, float] | None:
+    """The 95% Wilson interval of task accuracy over every scored example (tasks score the same number of
+    examples, so the mean over tasks is the pooled rate); None for other metrics."""
+    if metric != "accuracy" or report.n_examples == 0:
+        return None
+    lo, hi = wilson_interval(report.accuracy * report.n_examples / 100.0, report.n_examples)
+    return round(lo, 2), round(hi, 2)
+
+
 def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = None,
               workload: Workload | None = None, repeats: int = 5, quality: QualityConfig | None = None,
               with_presets: bool = True, with_peers: bool = True, log: Any = None,
@@ -111,6 +120,7 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
     reference = harness.reference()
     metric = (policy.objective.quality_metric if policy is not None else None) or "accuracy"
     qualities: dict[str, float] = {"dense": reference.metric(metric)}
+    intervals: dict[str, tuple[float, float] | None] = {"dense": _accuracy_interval(reference, metric)}
     input_ids = timing_input_ids(loaded.tokenizer, workload.prompt_tokens, dev)
     samples: dict[str, list[GenerationSample]] = {v.name: [] for v in variants}
     memory: dict[str, MemoryReading] = {}
@@ -122,7 +132,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
             kv_mb[v.name] = prefill_kv_cache_mb(handle, input_ids)  # a peer: the dense model's cache
             if v.name != "dense":
                 # forward: the handle (for a peer, the dense model: peers change decoding, not the logits)
-                qualities[v.name] = harness.evaluate(generate, handle).metric(metric)
+                report = harness.evaluate(generate, handle)
+                qualities[v.name], intervals[v.name] = report.metric(metric), _accuracy_interval(report, metric)
             time_generate(generate, input_ids, 1, dev)  # warm-up of both call shapes
             time_generate(generate, input_ids, workload.new_tokens, dev)
             memory[v.name] = peak_memory_of(generate, input_ids, workload.new_tokens, dev)  # untimed
@@ -140,7 +151,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         results.append({"name": v.name, "ttft_ms": m.ttft_ms, "latency_ms": m.latency_ms,
                         "tokens_per_s": m.tokens_per_s, "peak_memory_mb": m.peak_memory_mb,
                         "memory_kind": m.memory_kind, "kv_cache_mb": kv_mb[v.name], "quality": qualities[v.name],
-                        "quality_metric": metric, "source": v.source,
+                        "quality_metric": metric, "quality_ci95": intervals[v.name],
+                        "quality_examples": reference.n_examples, "source": v.source,
                         "forwards_per_token": forwards.get(v.name)})
     dense = results[0]
     for row in results:

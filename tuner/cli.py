@@ -41,6 +41,8 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3f}"
+        if isinstance(v, (tuple, list)) and len(v) == 2:  # an interval
+            return f"{v[0]:.1f}-{v[1]:.1f}"
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
@@ -185,7 +187,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_json(document)
     else:
         print(f"{document['model']} on {document['device']['id']}: {document['workload']}")
-        columns = ["name", "ttft_ms", "latency_ms", "tokens_per_s", "peak_memory_mb", "quality", "speedup_latency"]
+        columns = ["name", "ttft_ms", "latency_ms", "tokens_per_s", "peak_memory_mb", "kv_cache_mb", "quality"]
+        if any(row.get("quality_ci95") is not None for row in document["results"]):
+            columns.append("quality_ci95")
+        columns += ["speedup_ttft", "speedup_latency"]
         if any(row.get("forwards_per_token") is not None for row in document["results"]):
             columns.append("forwards_per_token")
         print(_table(document["results"], columns))

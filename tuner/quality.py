@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,17 @@ class QualityReport:
         if self.estimated_accuracy is not None:
             out["estimated_accuracy"] = self.estimated_accuracy
         return out
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a success rate, in points: the interval accuracy claims
+    quote. It stays inside [0, 100] and is not degenerate at 0% or 100%, unlike the normal approximation."""
+    if n <= 0:
+        raise ValueError(f"an interval needs at least one example, got n={n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
 def quality_drop(metric: str, reference: float, candidate: float) -> float:

@@ -168,7 +168,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
                         curves=curves, model_id=loaded.model_id,
                         draft_model=cfg.draft_model or default_draft_model(loaded.model_id), artefacts=artefacts,
-                        objective=cost_metric, model=model, tokenizer=tokenizer, inputs=TunerInputs())
+                        objective=cost_metric, model=model, tokenizer=tokenizer, inputs=TunerInputs(cfg.quality))
     _prepare(spaces, ctx, model, tokenizer, torch_device(device), say)
 
     harness = QualityHarness(model, tokenizer, cfg.quality, cache_dir=artefacts,
@@ -192,9 +192,9 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                         directions=(OBJECTIVES[cfg.objective],
                                     "maximize" if HIGHER_IS_BETTER[cfg.quality_metric] else "minimize"),
                         metric_names=(cfg.objective, cfg.quality_metric))
-    _enqueue_presets(handle, spaces, ctx)
-
+    # before the presets: a search space may price its study starts against dense
     ctx.baseline = _measured_dict(baseline, ref_quality, cfg.quality_metric, baseline_forwards)
+    _enqueue_presets(handle, spaces, ctx)
 
     def evaluate(trial: Any) -> TrialOutcome:
         sections = {space.name: space.suggest(trial, ctx) for space in spaces}

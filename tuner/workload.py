@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tuner.measure import measure_generation
-from tuner.tasks import code_samples, get_task
+from tuner.tasks import code_samples, get_task, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,21 @@ class TunerInputs:
     def calibration_texts(self, n: int, seed: int, n_chars: int) -> list[str]:
         return code_samples(n, seed=seed, n_chars=n_chars)
 
+    def __init__(self, quality: Any = None) -> None:
+        self.quality = quality  # the study's QualityConfig: which tasks and seed the trials are scored on
+
     def task_examples(self, task: str, n: int, seed: int) -> list[Any]:
         return get_task(task).examples(n, seed=seed)
+
+    def task_prompts(self, tokenizer: Any, n: int, device: Any) -> list[tuple[torch.Tensor, int]]:
+        if self.quality is None:
+            return []
+        out = []
+        for name in self.quality.tasks:
+            task = get_task(name)
+            for example in task.examples(self.quality.examples_per_task, seed=self.quality.seed)[:n]:
+                out.append((prompt_ids(tokenizer, example.prompt, chat=task.chat).to(device), task.max_new_tokens))
+        return out
 
     def time_generation(self, generate: Callable[..., torch.Tensor], input_ids: torch.Tensor, new_tokens: int,
                         device: Any) -> tuple[float, float]:
