@@ -99,3 +99,19 @@ def test_when_every_trial_is_pruned_the_best_effort_is_measured_in_full(monkeypa
     tuned = summary["measured"]["tuned"]
     assert tuned["quality"] == 0.0 and tuned["latency_ms"] > 0  # scored on all 4 examples and timed
     assert summary["techniques"] == {NAME: {"mode": "on"}}
+
+
+def test_the_cost_model_rules_out_by_a_wider_margin_until_it_is_trusted():
+    from types import SimpleNamespace
+
+    from tuner.tune import RULE_OUT_MARGIN, UNTRUSTED_RULE_OUT_MARGIN, _ruled_out
+
+    cfg = SimpleNamespace(objective="latency_ms")
+    incumbent = SimpleNamespace(values=(100.0, 90.0))
+    just_over = 100.0 * (1 + RULE_OUT_MARGIN) + 1
+    assert _ruled_out(just_over, incumbent, cfg, trusted=True)
+    assert not _ruled_out(just_over, incumbent, cfg, trusted=False)
+    assert _ruled_out(100.0 * (1 + UNTRUSTED_RULE_OUT_MARGIN) + 1, incumbent, cfg, trusted=False)
+    assert not _ruled_out(None, incumbent, cfg, trusted=True)  # no prediction, no incumbent: never
+    assert not _ruled_out(1e9, None, cfg, trusted=True)
+    assert not _ruled_out(1e9, incumbent, SimpleNamespace(objective="tokens_per_s"), trusted=True)
