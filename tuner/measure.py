@@ -88,15 +88,29 @@ def summarize(samples: list[GenerationSample], new_tokens: int, memory: MemoryRe
                                  new_tokens=new_tokens, samples=samples)
 
 
+#: A full call at least this long is its own warm-up: first-call costs (allocator, kernel caches) are tens of
+#: milliseconds, lost in a call of seconds, while a real model's warm-up pair at 2k tokens costs 7-16 s a trial.
+LONG_CALL_MS = 1000.0
+
+
 def measure_generation(generate: GenerateFn, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
-                       warmup: int = 1, repeats: int = 5,
+                       warmup: int | str = 1, repeats: int = 5,
                        forward: Callable[..., object] | None = None, peak_memory: bool = True) -> GenerationMeasurement:
     """Warm up, then `repeats` measurements of one variant; medians. With `forward`, also the KV-cache size;
-    without `peak_memory`, no extra call for the memory reading (`peak_memory_mb` None, kind "not_measured")."""
-    for _ in range(warmup):  # both call shapes, so that neither pays first-call costs when timed
-        time_generate(generate, input_ids, 1, device)
-        time_generate(generate, input_ids, new_tokens, device)
-    samples = [measure_once(generate, input_ids, new_tokens, device) for _ in range(repeats)]
+    without `peak_memory`, no extra call for the memory reading (`peak_memory_mb` None, kind "not_measured").
+
+    `warmup="auto"`: the first measured pair is the warm-up when its full call is shorter than `LONG_CALL_MS`
+    (then `repeats` more are measured), and counts as the first sample otherwise."""
+    samples: list[GenerationSample] = []
+    if warmup == "auto":
+        first = measure_once(generate, input_ids, new_tokens, device)
+        if first.latency_ms >= LONG_CALL_MS:
+            samples.append(first)
+    else:
+        for _ in range(int(warmup)):  # both call shapes, so that neither pays first-call costs when timed
+            time_generate(generate, input_ids, 1, device)
+            time_generate(generate, input_ids, new_tokens, device)
+    samples += [measure_once(generate, input_ids, new_tokens, device) for _ in range(repeats - len(samples))]
     memory = peak_memory_of(generate, input_ids, new_tokens, device) if peak_memory else MemoryReading(
         None, "not_measured")
     result = summarize(samples, new_tokens, memory)

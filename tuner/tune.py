@@ -180,7 +180,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     input_ids = timing_input_ids(tokenizer, cfg.workload.prompt_tokens, torch_device(device))
     with apply_policy(model, None) as dense:
         baseline = measure_generation(dense.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
-                                      repeats=cfg.repeats, forward=dense)
+                                      warmup="auto", repeats=cfg.repeats, forward=dense)
         baseline_forwards = forwards_per_token(dense)
     say(f"dense {cfg.objective}: {getattr(baseline, cfg.objective):.2f}")
     # Lossless techniques only (speculative decoding): every trial must reproduce dense greedy output exactly.
@@ -235,7 +235,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
                 _check_same_answers(quality.predictions, reference.predictions)
             attrs: dict[str, Any] = {"sections": sections, "quality": quality.summary()}
             measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens,
-                                          torch_device(device), repeats=cfg.repeats, forward=tuned)
+                                          torch_device(device), warmup="auto", repeats=cfg.repeats, forward=tuned)
             attrs["measured"] = _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))
             objective_value = getattr(measured, cfg.objective)
             if predicted is not None:
@@ -251,7 +251,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
         with apply_policy(model, policy) as tuned:
             value = harness.evaluate(tuned.generate, tuned).metric(cfg.quality_metric)
             measured = measure_generation(tuned.generate, input_ids, cfg.workload.new_tokens, torch_device(device),
-                                          repeats=cfg.repeats, forward=tuned)
+                                          warmup="auto", repeats=cfg.repeats, forward=tuned)
             return {"sections": sections,
                     "measured": _measured_dict(measured, value, cfg.quality_metric, forwards_per_token(tuned))}
 
