@@ -28,10 +28,22 @@ Accepted/step: accepted draft tokens per verify step (`SpeculativeHandle.last_st
 prompts. Every timed `new_tokens` output is compared with dense's timed output of that prompt at that thread
 count, token for token: a prompt counts as a mismatch if any call differs (lossless is required).
 
+With a draft head for the model (`builtin:smollm2-135m-eagle`, `tuner.builtin.train_eagle`; `--no-eagle` leaves
+it out), the `eagle` drafter's variants join: EAGLE-2's defaults (dynamic tree, top-k 10, 60 tokens), SGLang's
+(5 steps, top-k 4, 8 tokens), chains, and small dynamic trees with a draft vocabulary of 8192 or 4096 tokens
+(FR-Spec). Their rows also give the acceptance by depth (alpha_d: how often depth d was accepted when depth d-1
+was) and the head's drafting time per verify step (the drafter's `propose`, timed inside the timed calls).
+`--policy FILE` (repeatable) adds a tuned policy's speculative section as a variant (e.g. the 1-thread and
+2-thread policies of `autotune tune`, each benched on both devices).
+
 `--threads 1,2` runs one table per thread count (the same CPU at 1 and at 2 threads are two devices in this
 project, `cpu:1t` / `cpu:2t`), repeats interleaved across thread counts, and names each one's best variant.
 
     python benchmarks/bench_smollm2_speculative.py [--prompts 12] [--passkey 2] [--threads 1,2] [--repeats 3]
+        [--no-eagle] [--policy FILE ...] [--identity 200]
+
+`--identity N` then checks greedy identity alone (untimed) on N more chat prompts (seed SEED + 1, `--identity-
+tokens` new tokens each) for the fastest lossless variant at the first thread count, against dense.
 """
 
 from __future__ import annotations
@@ -85,6 +97,7 @@ class Variant:
     handle: Any = None
     two_call: bool = False  # timed as t(n) - t(1) over two calls (else inside one call, see the module docstring)
     accepted: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (threads, prompt) -> per step
+    draft_ms: dict[int, list[float]] = field(default_factory=dict)  # threads -> drafter propose() times (eagle)
 
 
 def build_prompts(tokenizer: Any, n_chat: int, n_passkey: int, n_chars: int) -> list[Prompt]:
@@ -125,8 +138,61 @@ def speculative_sections(n_layers: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_variants(model: Any, pad_token_id: int) -> list[Variant]:
-    """Dense, HF prompt lookup, and one `speculative` handle per section of `speculative_sections`."""
+def eagle_sections(head: str, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """The eagle drafter's sections benched, by variant name."""
+    def section(tree: dict[str, Any], vocab: int | None = None) -> dict[str, Any]:
+        return {"drafter": "eagle", "eagle": {"head": head, "vocab": vocab}, "tree": tree, "node_budget": 64}
+
+    out = {
+        "eagle, EAGLE-2 defaults: dynamic (6, 10, 59)": section({"kind": "dynamic", "depth": 6, "topk": 10,
+                                                                  "tokens": 59}),
+        "eagle, SGLang: dynamic (5, 4, 7)": section({"kind": "dynamic", "depth": 5, "topk": 4, "tokens": 7}),
+        "eagle, chain k=5": section({"kind": "static", "parents": chain_tree(5)}),
+        "eagle, chain k=3": section({"kind": "static", "parents": chain_tree(3)}),
+        "eagle, dynamic (4, 2, 6)": section({"kind": "dynamic", "depth": 4, "topk": 2, "tokens": 6}),
+    }
+    for vocab in (8192, 4096):
+        if vocab < vocab_size:
+            out[f"eagle, dynamic (4, 2, 6), vocab {vocab}"] = section(
+                {"kind": "dynamic", "depth": 4, "topk": 2, "tokens": 6}, vocab)
+            out[f"eagle, dynamic (5, 3, 10), vocab {vocab}"] = section(
+                {"kind": "dynamic", "depth": 5, "topk": 3, "tokens": 10}, vocab)
+            out[f"eagle, chain k=4, vocab {vocab}"] = section({"kind": "static", "parents": chain_tree(4)}, vocab)
+    return out
+
+
+def policy_sections(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """The speculative sections of tuned policy files, named by file and device."""
+    from policies.io import load_policy_file
+
+    out = {}
+    for path in paths:
+        policy = load_policy_file(path)
+        section = policy.techniques.get("speculative")
+        if section is None:
+            raise SystemExit(f"{path}: no techniques.speculative section")
+        out[f"tuned policy {path.parent.name}/{path.name}"] = dict(section)
+    return out
+
+
+class _TimedPropose:
+    """Wraps a drafter's `propose` to collect its wall times (ms) into `sink` (the current thread count's)."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter, self.sink = drafter, None
+        self._propose = drafter.propose
+        drafter.propose = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = self._propose(*args, **kwargs)
+        if self.sink is not None:
+            self.sink.append((time.perf_counter() - start) * 1e3)
+        return out
+
+
+def build_variants(model: Any, pad_token_id: int, extra: dict[str, dict[str, Any]] | None = None) -> list[Variant]:
+    """Dense, HF prompt lookup, and one `speculative` handle per section of `speculative_sections` and `extra`."""
 
     def dense(ids: torch.Tensor, **kw: Any) -> torch.Tensor:
         return model.generate(ids, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=pad_token_id,
@@ -137,10 +203,18 @@ def build_variants(model: Any, pad_token_id: int) -> list[Variant]:
     variants.append(Variant(f"HF prompt lookup ({PROMPT_LOOKUP_NUM_TOKENS} tokens)", peer.generate,
                             two_call=True))
     runtime = get_runtime("speculative")
-    for name, section in speculative_sections(model.config.num_hidden_layers).items():
+    for name, section in {**speculative_sections(model.config.num_hidden_layers), **(extra or {})}.items():
         handle = runtime.apply(model, section)
         variants.append(Variant(name, _handle_generate(handle, model), handle))
     return variants
+
+
+def timed_proposals(variants: list[Variant]) -> dict[str, _TimedPropose]:
+    """Timers on the eagle variants' drafters, by variant name."""
+    from policies.drafters import EagleDrafter
+
+    return {v.name: _TimedPropose(v.handle.drafter) for v in variants
+            if v.handle is not None and isinstance(v.handle.drafter, EagleDrafter)}
 
 
 def _handle_generate(handle: Any, model: Any) -> GenerateFn:
@@ -241,6 +315,7 @@ def measure(model: Any, variants: list[Variant], prompts: list[Prompt], threads:
             repeats: int, guard: ContentionGuard) -> SampleMap:
     """Interleaved repeats (threads, then prompts, then variants in a rotating order)."""
     samples: SampleMap = {}
+    timers = timed_proposals(variants)
     clock = SecondForwardClock(model)
     warm = prompts[0].ids[:, -64:]
     for t in threads:
@@ -255,6 +330,8 @@ def measure(model: Any, variants: list[Variant], prompts: list[Prompt], threads:
                 shift = (repeat * len(prompts) + k) % len(variants)
                 for v in variants[shift:] + variants[:shift]:
                     cell = samples.setdefault((t, v.name, p.label), Samples())
+                    if v.name in timers:
+                        timers[v.name].sink = v.draft_ms.setdefault(t, [])
                     if v.two_call:
                         cell.ttft_ms.append(guard.call(t, v.generate, p.ids, 1, clock)[0])
                     full, in_call, out = guard.call(t, v.generate, p.ids, n, clock)
@@ -264,6 +341,8 @@ def measure(model: Any, variants: list[Variant], prompts: list[Prompt], threads:
                     cell.outputs.append(out)
                     if v.handle is not None and (t, p.label) not in v.accepted:
                         v.accepted[(t, p.label)] = list(v.handle.last_stats.accepted_per_step)
+                    if v.name in timers:
+                        timers[v.name].sink = None
                 print(progress(samples, variants, t, p, n), file=sys.stderr, flush=True)
         print(f"repeat {repeat + 1}/{repeats}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     clock.remove()
@@ -302,6 +381,7 @@ def table(samples: SampleMap, variants: list[Variant], prompts: list[Prompt], t:
             + " | Accepted/step (mean) | Mismatches |")
     rows = [head, "|---|---:|---:|" + "---:|" * len(groups) + "---:|---:|"]
     best: tuple[float, str] | None = None
+    depth_rows = []
     for v in variants:
         two = v.two_call and v is not variants[0]  # dense's row: the one-call figure, like this project's rows
         tps = group_tps(samples, t, v.name, prompts, n, two)
@@ -312,11 +392,43 @@ def table(samples: SampleMap, variants: list[Variant], prompts: list[Prompt], t:
         mismatches = sum(mismatched(samples, t, v.name, p.label, dense_name) for p in prompts)
         rows.append(f"| {v.name}{' (two-call timing)' if two else ''} | {tps:.1f} | {tps / dense_all[two]:.2f}x | "
                     f"{ratios} | {accepted} | {mismatches}/{len(prompts)} |")
+        if v.draft_ms.get(t):
+            depth_rows.append(f"| {v.name} | {statistics.median(v.draft_ms[t]):.1f} | "
+                              f"{', '.join(f'{a:.2f}' for a in acceptance_by_depth(steps))} |")
         if mismatches == 0 and (best is None or tps / dense_all[two] > best[0]):
             best = (tps / dense_all[two], f"{v.name} ({tps:.1f} tok/s, {tps / dense_all[two]:.2f}x dense)")
     check = (f"dense {dense_all[False]:.2f} tok/s timed inside one call, {dense_all[True]:.2f} tok/s by two calls "
              f"({dense_all[False] / dense_all[True] - 1:+.1%})")
+    if depth_rows:
+        rows += ["", "| Eagle variant | Drafting ms per step (median) | Acceptance by depth (alpha_1, alpha_2, ...) |",
+                 "|---|---:|---|", *depth_rows]
     return rows, "none" if best is None else best[1], check
+
+
+def acceptance_by_depth(accepted_per_step: list[int]) -> list[float]:
+    """alpha_d = P(depth d accepted | depth d - 1 was), from the accepted lengths of verify steps."""
+    out = []
+    for d in range(1, max(accepted_per_step, default=0) + 1):
+        before = sum(1 for a in accepted_per_step if a >= d - 1)
+        out.append(sum(1 for a in accepted_per_step if a >= d) / before)
+    return out
+
+
+def identity_check(model: Any, tokenizer: Any, variant: Variant, dense: Variant, n: int, new_tokens: int,
+                   n_chars: int) -> str:
+    """Greedy identity of `variant` against dense on `n` more chat prompts (untimed)."""
+    chat = dataclasses.replace(get_task("chat"), n_chars=n_chars)
+    same = 0
+    for i, r in enumerate(chat.requests(n, seed=SEED + 1)):
+        ids = prompt_ids(tokenizer, r.prompt, chat=True)
+        with torch.inference_mode():
+            a = variant.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            b = dense.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        same += bool(torch.equal(a, b))
+        if (i + 1) % 25 == 0:
+            print(f"identity: {same}/{i + 1}", file=sys.stderr, flush=True)
+    return (f"Greedy identity, {variant.name}: {same}/{n} further chat prompts (seed {SEED + 1}, {new_tokens} new "
+            "tokens each) identical to dense token for token.")
 
 
 def _selected(name: str, only: str | None, skip: str | None) -> bool:
@@ -338,7 +450,7 @@ def header(args: argparse.Namespace, prompts: list[Prompt], n_layers: int) -> li
     shapes = "; ".join(f"{g}: {len(v)} prompts, {min(v)}-{max(v)} tokens (mean {statistics.mean(v):.0f})"
                        for g, v in lengths.items())
     return [
-        f"### Draft-free speculative decoding on {MODEL}, {dt.date.today().isoformat()}",
+        f"### Speculative decoding on {MODEL}, {dt.date.today().isoformat()}",
         "",
         f"Device: {cpu.fields.get('model') or cpu.name} ({cpu.fields.get('cores_available', '?')} cores available), "
         f"threads {args.threads}. Python {platform.python_version()}, torch {torch.__version__}, transformers "
@@ -368,13 +480,22 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings: bench only variants matching one "
                                                  "(dense always runs)")
     ap.add_argument("--skip", default=None, help="comma-separated substrings: leave out variants matching one")
+    ap.add_argument("--no-eagle", action="store_true", help="leave out the eagle drafter's variants")
+    ap.add_argument("--policy", type=Path, action="append", default=[], help="a tuned policy to add (repeatable)")
+    ap.add_argument("--identity", type=int, default=0, help="then check greedy identity on this many more prompts")
+    ap.add_argument("--identity-tokens", type=int, default=32)
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t]
     started = time.perf_counter()
     loaded = load_model(MODEL)
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = build_prompts(tokenizer, args.prompts, args.passkey, args.chars)
-    variants = build_variants(model, tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+    from tuner.models import default_draft_head
+
+    head = None if args.no_eagle else default_draft_head(MODEL)
+    extra = eagle_sections(head, int(model.config.vocab_size)) if head else {}
+    extra.update(policy_sections(args.policy))
+    variants = build_variants(model, tokenizer.pad_token_id or tokenizer.eos_token_id or 0, extra)
     variants = variants[:1] + [v for v in variants[1:] if _selected(v.name, args.only, args.skip)]
     guard = ContentionGuard()
     samples = measure(model, variants, prompts, threads, args.new_tokens, args.repeats, guard)
@@ -393,6 +514,14 @@ def main() -> None:
         bests.append(f"cpu:{t}t: {best}")
     if len(threads) > 1:
         lines += ["Best variant per device: " + "; ".join(bests) + ".", ""]
+    if args.identity:
+        use_cpu_threads(threads[0])
+        fastest = max((v for v in variants[1:] if v.handle is not None and not any(
+            mismatched(samples, threads[0], v.name, p.label, dense_name) for p in prompts)),
+            key=lambda v: group_tps(samples, threads[0], v.name, prompts, args.new_tokens, False), default=None)
+        if fastest is not None:
+            lines += [identity_check(model, tokenizer, fastest, variants[0], args.identity, args.identity_tokens,
+                                     args.chars), ""]
     lines.append(f"Wall time: {(time.perf_counter() - started) / 60:.1f} min.")
     print("\n".join(lines))
 

@@ -7,6 +7,8 @@ Three kinds, one interface (`Drafter`):
 - `ModelDrafter` over a separate small model sharing the tokenizer (`builtin:tiny-draft` for `builtin:tiny`).
 - `ModelDrafter` over the target itself with some decoder layers skipped (self-speculation, as in
   Draft & Verify, Zhang et al. 2023): `LayerSkipLM`. The skipped set is part of the policy.
+- `EagleDrafter`: a feature-level draft head (`policies.draft_heads`, EAGLE) that reads the target's own last
+  hidden states, so a model with no smaller sibling still gets a drafter that guesses well.
 
 A model drafter grows the tree depth by depth, one draft forward per depth over the nodes that get
 children (a 4D tree mask, as in verification), from either a static *shape* (the parents list of the
@@ -72,6 +74,9 @@ class Drafter(ABC):
 
     def commit(self, accepted: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """The nodes (indices into the last proposal, root to leaf) that the target accepted."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The policy is removed: undo anything attached to the target (hooks)."""
 
     def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """The target's logits (n, vocab) after each of the `token_ids` (n,) it just ran (prefill and
@@ -427,3 +432,117 @@ def _pruned(shape: Sequence[int], tokens: list[int | None],
     if keep and rows[keep[0]] is not None:
         q = torch.stack([rows[i] for i in keep])  # type: ignore[misc]
     return Draft(parents, [int(tokens[i]) for i in keep], q), remap  # type: ignore[arg-type]
+
+
+# -- feature-level draft head (EAGLE) ------------------------------------------------------------------------
+class EagleDrafter(ModelDrafter):
+    """Drafts with an EAGLE head over the target's features, on a static or dynamic tree like `ModelDrafter`.
+
+    The head pairs the target's feature f_t with token t+1. A forward hook on the target's final norm catches
+    the features of every target forward (prefill and verify); after a verify, the features of the root and
+    the accepted nodes become the next step's context pairs, and the head's tree entries are dropped: as in
+    EAGLE, the accepted path is re-run with the target's true features rather than kept with the head's guesses.
+    Tree node y's pair is (the head's output at y's parent, y); depth-d nodes sit at position L + d.
+
+    With token retention at prefill the target returns only the kept rows; the head then starts from the last
+    prompt position (its cache has a gap there, positions stay absolute)."""
+
+    def __init__(self, target: Any, head: Any, shape: Sequence[int] | None = None, *, dynamic_depth: int = 5,
+                 dynamic_topk: int = 4, dynamic_tokens: int = 8, vocab_size: int | None = None) -> None:
+        from policies.draft_heads import DraftVocabulary
+        from profilers.model_parts import decoder_parts
+
+        super().__init__(head, shape, dynamic_depth=dynamic_depth, dynamic_topk=dynamic_topk,
+                         dynamic_tokens=dynamic_tokens)
+        parts = decoder_parts(target)
+        self.head = head
+        self.embed = parts.embed
+        self.vocab = DraftVocabulary.build(parts.lm_head, head.vocab_rank, vocab_size)
+        self._captured: torch.Tensor | None = None
+        self._tap = parts.norm.register_forward_hook(self._capture)
+        self._begin_state(0)
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        self._captured = output if isinstance(output, torch.Tensor) else output[0]
+
+    def close(self) -> None:
+        self._tap.remove()
+
+    def _begin_state(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+        self.next_pos = 0  # position of the first feature not yet run through the head
+        self.pending: torch.Tensor | None = None  # (n, H): features at next_pos, next_pos + 1, ...
+        self._verify_rows: torch.Tensor | None = None
+        self._root_hidden: torch.Tensor | None = None
+        self._fed_hidden: list[torch.Tensor] = []
+
+    def begin(self, input_ids: torch.Tensor) -> None:
+        super().begin(input_ids)
+        self._begin_state(int(input_ids.shape[-1]))
+
+    def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        if self._captured is None:
+            raise RuntimeError("eagle drafter: the target's final norm produced no features in this forward")
+        rows = self._captured[0, -len(token_ids):]
+        self._captured = None
+        self.observe_features(rows)
+
+    def observe_features(self, rows: torch.Tensor) -> None:
+        """The target's features (n, H) of the forward it just ran: after `begin`, the prompt's (or its last
+        rows'); after a proposal, the verify forward's ([root] + tree nodes), which `commit` selects from.
+        Called by `observe`; a simulation that knows the features already calls it directly."""
+        if self.pending is None and self.n_cached == 0:  # the prefill: features of the prompt (or its last row)
+            self.pending = rows
+            self.next_pos = self.prompt_len - len(rows)
+        else:
+            self._verify_rows = rows
+
+    def commit(self, accepted: Sequence[int]) -> None:
+        compact_cache(self.kv, self.n_cached, [])  # drop the tree: the accepted path re-runs with true features
+        rows = self._verify_rows
+        if rows is None:
+            return
+        index = torch.tensor([0] + [i + 1 for i in accepted], device=rows.device)
+        self.pending = rows.index_select(0, index)
+        self._verify_rows = None
+
+    def _run(self, features: torch.Tensor, tokens: list[int], positions: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
+        return self.head(features[None], self.embed(ids), self.kv, attention_mask=mask, position_ids=positions)[0]
+
+    def propose(self, context: Sequence[int], sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        last = len(context) - 1  # context[last] is committed but not yet verified: the root
+        if self.pending is None or self.next_pos + len(self.pending) != last:
+            raise RuntimeError(f"eagle drafter: features cover positions {self.next_pos}.."
+                               f"{self.next_pos + (0 if self.pending is None else len(self.pending)) - 1}, the "
+                               f"context needs up to {last - 1}")
+        n = len(self.pending)
+        positions = torch.arange(self.next_pos, last, device=self.device)[None]
+        mask = None
+        if self.n_cached != self.next_pos:  # a gap (token retention): causal over the cache by an explicit mask
+            mask = torch.zeros(1, 1, n, self.n_cached + n, dtype=self.pending.dtype, device=self.device)
+            mask[..., self.n_cached:] = torch.triu(torch.full((n, n), torch.finfo(mask.dtype).min,
+                                                              device=self.device), 1)
+        hidden = self._run(self.pending, list(context[self.next_pos + 1:last + 1]), positions, mask)
+        self.n_cached += n
+        self.next_pos = last
+        self.pending = None
+        self._root_hidden = hidden[-1]
+        self._fed_hidden = []
+        root_logits = self.vocab.logits(hidden[-1:])[0]
+        if self.shape is not None:
+            return self._static(root_logits, sampling, generator)
+        return self._dynamic(root_logits, sampling, generator)
+
+    def _forward(self, tokens: list[int], parents: list[int] | None = None) -> torch.Tensor:
+        """Logits of tree nodes `tokens` (the last fed nodes; `parents` over every node fed this step)."""
+        assert parents is not None, "the eagle drafter feeds tree nodes only through _forward"
+        new_parents = parents[-len(tokens):]
+        features = torch.stack([self._root_hidden if p == -1 else self._fed_hidden[p] for p in new_parents])
+        mask = tree_attention_mask(parents, self.n_cached, dtype=features.dtype, device=self.device)
+        mask = mask[:, :, -len(tokens):]
+        positions = tree_position_ids(parents, self.next_pos, device=self.device)[:, -len(tokens):]
+        hidden = self._run(features, tokens, positions, mask)
+        self._fed_hidden.extend(hidden.unbind(0))
+        return self.vocab.logits(hidden)

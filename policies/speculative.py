@@ -10,8 +10,11 @@ distribution, whatever the drafter proposes.
 
 Policy section (`techniques.speculative`, described by `SpeculativeConfig`):
 
-    drafter: draft_model | layer_skip | prompt_lookup | recycle
+    drafter: draft_model | layer_skip | prompt_lookup | recycle | eagle
     draft_model: builtin:tiny-draft        # drafter draft_model: a causal LM sharing the target's tokenizer
+    eagle: {head: builtin:smollm2-135m-eagle, vocab: 8192}   # drafter eagle: a feature-level draft head
+                                           # (policies.draft_heads); vocab: score the 8192 most frequent
+                                           # tokens only (FR-Spec), null: the whole vocabulary
     skip_layers: [2, 3]                    # drafter layer_skip: target layers the draft skips (never 0)
     prompt_lookup: {max_ngram: 3, min_ngram: 1, depth: 5, candidates: 2}   # drafter prompt_lookup
     recycle: {k: 8}                        # drafter recycle: the target's top-k per token, recycled
@@ -50,6 +53,7 @@ from policies.config import (
 from policies.drafters import (
     Draft,
     Drafter,
+    EagleDrafter,
     LayerSkipLM,
     MergedDrafter,
     ModelDrafter,
@@ -71,11 +75,11 @@ from profilers.hf_compat import cache_arg, new_dynamic_cache
 
 NAME = "speculative"
 SECTION_PATH = f"techniques.{NAME}"
-DRAFTERS = ("draft_model", "layer_skip", "prompt_lookup", "recycle")
+DRAFTERS = ("draft_model", "layer_skip", "prompt_lookup", "recycle", "eagle")
 TREE_KINDS = ("static", "dynamic")
 MAX_NODE_BUDGET = 512
 MAX_RECYCLE_K = 16
-MODEL_DRAFTERS = ("draft_model", "layer_skip", "recycle")  # the drafters that fill a tree
+MODEL_DRAFTERS = ("draft_model", "layer_skip", "recycle", "eagle")  # the drafters that fill a tree
 
 
 @dataclass
@@ -223,6 +227,15 @@ class RecycleConfig(TechniqueConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EagleConfig(TechniqueConfig):
+    """`eagle`: the draft head, and how much of the vocabulary it scores."""
+
+    head: str = required(Text(), "the head: builtin:NAME or a local directory in EAGLE-1/2's layout")
+    vocab: int | None = option(None, Nullable(Int(min=1)), "score only this many most frequent tokens (FR-Spec); "
+                               "null: every token")
+
+
+@dataclass(frozen=True, kw_only=True)
 class StaticTree(TechniqueConfig):
     """A fixed tree shape: node i's parent, the j-th child of a node being the draft's rank-j token."""
 
@@ -245,9 +258,15 @@ class DynamicTree(TechniqueConfig):
     topk: int = required(Int(min=1), "children tried per expanded node")
     tokens: int = required(Int(min=1), "nodes kept for the verify forward")
 
+    @property
+    def candidates(self) -> int:
+        """Nodes the expansion drafts before the best `tokens` are kept: top-k children of the root, then of
+        the top-k best new nodes at each further depth."""
+        return self.topk + (self.depth - 1) * self.topk * self.topk
+
     def check(self, path: str) -> list[str]:
-        if self.tokens > self.depth * self.topk:
-            return [f"{path}.tokens: at most depth x topk = {self.depth * self.topk} nodes can be drafted"]
+        if self.tokens > self.candidates:
+            return [f"{path}.tokens: at most topk + (depth - 1) x topk^2 = {self.candidates} nodes can be drafted"]
         return []
 
 
@@ -269,6 +288,7 @@ class SpeculativeConfig(TechniqueConfig):
     prompt_lookup: PromptLookupConfig | None = option(
         None, Nullable(Section(PromptLookupConfig)), "drafter prompt_lookup (or with recycle: merged into its tree)")
     recycle: RecycleConfig | None = option(None, Nullable(Section(RecycleConfig)), "drafter recycle")
+    eagle: EagleConfig | None = option(None, Nullable(Section(EagleConfig)), "drafter eagle")
     tree: StaticTree | DynamicTree | None = option(
         None, Nullable(Tagged("kind", {"static": StaticTree, "dynamic": DynamicTree})),
         "the tree a model drafter fills: static (parents) or dynamic")
@@ -286,6 +306,9 @@ class SpeculativeConfig(TechniqueConfig):
         budget, tree = self.node_budget, self.tree
         if self.drafter == "draft_model" and not self.draft_model:
             problems.append(f"{path}.draft_model: required for drafter draft_model (e.g. builtin:tiny-draft)")
+        if self.drafter == "eagle" and self.eagle is None:
+            problems.append(f"{path}.eagle: required for drafter eagle: a mapping with head (builtin:NAME or a "
+                            "directory)")
         if self.drafter == "layer_skip":
             if not self.skip_layers:
                 problems.append(f"{path}.skip_layers: required for drafter layer_skip: a non-empty list of layer "
@@ -344,6 +367,21 @@ def draft_for(spec: str, target: Any) -> Any:
     return draft
 
 
+_HEADS: dict[tuple[str, str, str], Any] = {}
+
+
+def load_draft_head(spec: str, target: Any) -> Any:
+    """The draft head `spec` names for `target`, loaded once per process, device and dtype."""
+    from policies.checkpoints import resolve_checkpoint
+    from policies.draft_heads import load_head
+
+    weight = next(target.parameters())
+    key = (spec, str(weight.device), str(weight.dtype))
+    if key not in _HEADS:
+        _HEADS[key] = load_head(resolve_checkpoint(spec), target)
+    return _HEADS[key]
+
+
 def make_drafter(model: Any, config: SpeculativeConfig) -> Drafter:
     """The drafter a config describes, checked against the target `model`."""
     kind, tree = config.drafter, config.tree
@@ -356,6 +394,21 @@ def make_drafter(model: Any, config: SpeculativeConfig) -> Drafter:
         if config.prompt_lookup is None:
             return recycle
         return MergedDrafter(recycle, lookup.drafter())
+    if kind == "eagle":
+        from policies.checkpoints import CheckpointError
+        from policies.draft_heads import HeadFormatError
+
+        eagle = config.eagle
+        assert eagle is not None  # checked by SpeculativeConfig.check
+        try:
+            head = load_draft_head(eagle.head, model)
+            kwargs: dict[str, Any] = {"vocab_size": eagle.vocab}
+            if isinstance(tree, StaticTree):
+                return EagleDrafter(model, head, list(tree.parents), **kwargs)
+            return EagleDrafter(model, head, None, dynamic_depth=tree.depth, dynamic_topk=tree.topk,
+                                dynamic_tokens=tree.tokens, **kwargs)
+        except (CheckpointError, HeadFormatError) as exc:
+            raise PolicyError(f"{SECTION_PATH}.eagle: {exc}") from None
     if kind == "draft_model":
         try:
             lm = draft_for(str(config.draft_model), model)
@@ -409,7 +462,9 @@ class SpeculativeHandle(TechniqueHandle):
                                     stats=self.last_stats)
 
     def remove(self) -> None:
-        self.drafter = None  # type: ignore[assignment]  # the target was not modified; drop the draft state
+        if self.drafter is not None:
+            self.drafter.close()  # a drafter's hooks on the target (eagle) go; nothing else was modified
+        self.drafter = None  # type: ignore[assignment]
 
 
 class SpeculativeRuntime(TechniqueRuntime):

@@ -38,13 +38,13 @@ autotune run --model builtin:tiny-mdm --policies "$OUT/mdm-policies" --prompt "c
 # (drafters that need no second model), each benched against dense.
 autotune run --model builtin:smollm2-135m --prompt "What is the capital of France?" --max-new-tokens 12
 autotune tune --model builtin:smollm2-135m --techniques token_retention --objective ttft_ms --tasks passkey \
-  --examples 6 --prompt-tokens 1024 --new-tokens 8 --budget 5 --out "$OUT/smollm2-policies"
+  --examples 4 --prompt-tokens 1024 --new-tokens 8 --budget 4 --out "$OUT/smollm2-policies"
 SMOL=$(ls "$OUT"/smollm2-policies/builtin-smollm2-135m/*.yaml | head -n 1)
-autotune bench --model builtin:smollm2-135m --policy "$SMOL" --tasks passkey --examples 6 --repeats 2 --no-presets
+autotune bench --model builtin:smollm2-135m --policy "$SMOL" --tasks passkey --examples 4 --repeats 1 --no-presets
 autotune tune --model builtin:smollm2-135m --techniques speculative --objective tokens_per_s --tasks passkey \
-  --examples 2 --prompt-tokens 256 --new-tokens 32 --budget 3 --out "$OUT/smollm2-spec-policies"
+  --examples 1 --prompt-tokens 256 --new-tokens 32 --budget 2 --out "$OUT/smollm2-spec-policies"
 SMOL_SPEC=$(ls "$OUT"/smollm2-spec-policies/builtin-smollm2-135m/*.yaml | head -n 1)
-autotune bench --model builtin:smollm2-135m --policy "$SMOL_SPEC" --tasks passkey --examples 2 --repeats 2 \
+autotune bench --model builtin:smollm2-135m --policy "$SMOL_SPEC" --tasks passkey --examples 1 --repeats 1 \
   --no-presets
 set +x
 echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC, $MDM, $SMOL, $SMOL_SPEC"

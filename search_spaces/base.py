@@ -72,6 +72,9 @@ class SearchContext:
     #: Speculative decoding's draft model spec: `--draft-model`, else the tuner's default for `model_id`
     #: (`tuner.models.default_draft_model`); None: no draft model (the model drafter is not offered).
     draft_model: str | None = None
+    #: Speculative decoding's draft head (EAGLE): `--draft-head`, else the tuner's default for `model_id`
+    #: (`tuner.models.default_draft_head`); None: the eagle drafter is not offered.
+    draft_head: str | None = None
     #: The study's artefacts directory (profiles, caches written beside the policy); None: write nothing.
     artefacts: Path | None = None
     #: The latency the cost hooks predict: "latency_ms" or "ttft_ms" (for a tokens/s objective, latency).

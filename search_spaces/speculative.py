@@ -4,7 +4,9 @@ Parameters an Optuna trial samples (`speculative.*`):
 - `drafter`: `draft_model` (a small model sharing the tokenizer; offered when one is known for the target),
   `layer_skip` (the target without a contiguous block of `skip.n` layers from `skip.start`), `prompt_lookup`
   (`lookup.max_ngram`, `lookup.depth`, `lookup.candidates`), `recycle` (Token Recycling: the target's own
-  earlier top-k predictions per token, no draft forward);
+  earlier top-k predictions per token, no draft forward), `eagle` (a feature-level draft head, offered when
+  one is known for the target: `eagle.vocab`, the draft vocabulary (FR-Spec; 0 = all tokens), and its tree
+  `eagle.tree`: `dynamic` (EAGLE-2: `dynamic.depth`, `dynamic.topk`, `dynamic.tokens`) or `chain` (`chain.k`));
 - for model and recycle drafters, the tree `shape`: `sequoia` (the dynamic-programming tree of `budget`
   nodes and at most `depth` levels for the drafter's measured positional acceptance vector), `chain` (`k`),
   or `branching` (a per-depth branching vector `b0..b{depth-1}`, capped at the node budget).
@@ -20,7 +22,15 @@ steep one (a CPU) small trees.
 
 Presets (enqueued first, shown in `autotune bench`): a chain of k=5 (gpt-fast's default) and an
 EAGLE-2/SGLang-like dynamic tree (depth 5, top-k 4, 8 draft tokens), both with the draft model; and prompt
-lookup with HF's defaults (10 tokens, n-grams up to 2) when no draft model is known.
+lookup with HF's defaults (10 tokens, n-grams up to 2) when no draft model is known. With a draft head:
+EAGLE-2's defaults (60 tree tokens, top-k 10, depth 6 counting the root's children), SGLang's (5 steps, top-k
+4, 8 tokens with the root), a k=5 chain, the best head-free drafter measured on SmolLM2 (token recycling
+[2, 1, 1] plus 2-gram lookup), and the hardware-aware choice over a grid of trees and vocabularies.
+
+The EAGLE drafter's cost is measured rather than modelled (`search_spaces.speculative_eagle`): the real
+drafter runs over the calibration continuations with the target's features, which gives its exact greedy
+tokens per step and its draft time per step on this device (head forwards and LM-head rows for the draft
+vocabulary); the verify curve prices the rest.
 """
 
 from __future__ import annotations
@@ -41,6 +51,9 @@ MAX_RANK = 8
 RECYCLE_K = 8  # >= the widest node any sampled shape has (branching <= 4, Sequoia over MAX_RANK ranks)
 MAX_BUDGET = 64
 SHAPES = ("sequoia", "chain", "branching")
+#: Draft vocabulary sizes sampled for the eagle drafter (0: every token); sizes >= the vocabulary are dropped.
+EAGLE_VOCABS = (0, 2048, 4096, 8192, 16384, 32768)
+EAGLE_TREES = ("dynamic", "chain")
 
 
 @dataclass
@@ -63,6 +76,9 @@ class SpeculativeCalibration:
     draft_model_overhead_ms: float = 0.0
     #: Positional acceptance vector per drafter key (`draft_model`, `recycle`, `skip:<layers>`), filled lazily.
     acceptance: dict[str, list[float]] = field(default_factory=dict)
+    #: The eagle drafter's simulations by section key, and the target's features per calibration sequence.
+    eagle: dict[str, Any] = field(default_factory=dict)
+    features: dict[int, Any] = field(default_factory=dict)
 
     def per_forward_overhead_ms(self, drafter: str) -> float:
         """The measured per-forward overhead of model drafter `drafter` ("draft_model" or "layer_skip")."""
@@ -104,7 +120,7 @@ class SpeculativeSpace(SearchSpace):
     # -- sampling -------------------------------------------------------------------------------------------
     def _drafters(self, ctx: SearchContext) -> list[str]:
         kinds = ["layer_skip", "prompt_lookup", "recycle"]
-        return (["draft_model"] if self._draft_spec(ctx) else []) + kinds
+        return (["draft_model"] if self._draft_spec(ctx) else []) + kinds + (["eagle"] if ctx.draft_head else [])
 
     @staticmethod
     def _draft_spec(ctx: SearchContext) -> str | None:
@@ -124,6 +140,8 @@ class SpeculativeSpace(SearchSpace):
                       "candidates": trial.suggest_int("speculative.lookup.candidates", 1, 4)}
             return {"drafter": drafter, "prompt_lookup": lookup,
                     "node_budget": max(MAX_BUDGET, lookup["depth"] * lookup["candidates"])}
+        if drafter == "eagle":
+            return self._suggest_eagle(trial, ctx)
         section: dict[str, Any] = {"drafter": drafter}
         if drafter == "draft_model":
             section["draft_model"] = self._draft_spec(ctx)
@@ -155,7 +173,77 @@ class SpeculativeSpace(SearchSpace):
         section.update(tree={"kind": "static", "parents": parents}, node_budget=MAX_BUDGET + extra, shape=provenance)
         return section
 
+    def _suggest_eagle(self, trial: optuna.Trial, ctx: SearchContext) -> dict[str, Any]:
+        vocab_size = int(ctx.model_fingerprint.get("vocab_size") or 0)
+        vocab = trial.suggest_categorical("speculative.eagle.vocab", _eagle_vocabs(vocab_size))
+        kind = trial.suggest_categorical("speculative.eagle.tree", EAGLE_TREES)
+        if kind == "chain":
+            k = trial.suggest_int("speculative.chain.k", 1, 10)
+            tree: dict[str, Any] = {"kind": "static", "parents": chain_tree(k)}
+        else:
+            depth = trial.suggest_int("speculative.dynamic.depth", 2, 8)
+            topk = trial.suggest_int("speculative.dynamic.topk", 1, 8)
+            most = min(MAX_BUDGET, topk + (depth - 1) * topk * topk)
+            tree = {"kind": "dynamic", "depth": depth, "topk": topk,
+                    "tokens": trial.suggest_int("speculative.dynamic.tokens", min(2, most), most, log=True)}
+        return eagle_section(str(ctx.draft_head), vocab, tree)
+
+    def _eagle_presets(self, ctx: SearchContext) -> list[Preset]:
+        head = str(ctx.draft_head)
+        out = [
+            Preset("eagle2-default", {"speculative.drafter": "eagle", "speculative.eagle.vocab": 0,
+                                      "speculative.eagle.tree": "dynamic", "speculative.dynamic.depth": 6,
+                                      "speculative.dynamic.topk": 10, "speculative.dynamic.tokens": 59},
+                   eagle_section(head, 0, {"kind": "dynamic", "depth": 6, "topk": 10, "tokens": 59}),
+                   "EAGLE-2's defaults: 60 tree tokens with the root, top-k 10, depth 5 after the root's children"),
+            Preset("sglang-eagle", {"speculative.drafter": "eagle", "speculative.eagle.vocab": 0,
+                                    "speculative.eagle.tree": "dynamic", "speculative.dynamic.depth": 5,
+                                    "speculative.dynamic.topk": 4, "speculative.dynamic.tokens": 7},
+                   eagle_section(head, 0, {"kind": "dynamic", "depth": 5, "topk": 4, "tokens": 7}),
+                   "SGLang's choice for Llama: 5 steps, top-k 4, 8 draft tokens with the root"),
+            Preset("eagle-chain-k5", {"speculative.drafter": "eagle", "speculative.eagle.vocab": 0,
+                                      "speculative.eagle.tree": "chain", "speculative.chain.k": 5},
+                   eagle_section(head, 0, {"kind": "static", "parents": chain_tree(5)}),
+                   "a chain of 5 head-drafted tokens"),
+            Preset("recycle-lookup", {"speculative.drafter": "recycle", "speculative.recycle.with_lookup": True,
+                                      "speculative.lookup.max_ngram": 2, "speculative.lookup.depth": 5,
+                                      "speculative.shape": "branching", "speculative.branching.depth": 3,
+                                      "speculative.branching.b0": 2, "speculative.branching.b1": 1,
+                                      "speculative.branching.b2": 1},
+                   {"drafter": "recycle", "recycle": {"k": RECYCLE_K}, "node_budget": MAX_BUDGET + 5,
+                    "prompt_lookup": {"max_ngram": 2, "depth": 5, "candidates": 1},
+                    "tree": {"kind": "static", "parents": branching_tree([2, 1, 1])},
+                    "shape": {"kind": "branching", "branching": [2, 1, 1]}},
+                   "the best drafter without a head on SmolLM2 (issue 14): token recycling [2, 1, 1] + 2-gram lookup"),
+        ]
+        seed = self.eagle_hardware_seed(ctx)
+        return ([seed] if seed is not None else []) + out
+
+    def eagle_hardware_seed(self, ctx: SearchContext) -> Preset | None:
+        """The best tree and vocabulary on a small grid by this device's cost model (simulated acceptance,
+        measured draft time, the verify curve): what the hardware alone would choose."""
+        if self._calibration(ctx) is None:
+            return None
+        vocab_size = int(ctx.model_fingerprint.get("vocab_size") or 0)
+        best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
+        for vocab in [v for v in (0, 8192) if v in _eagle_vocabs(vocab_size)]:
+            for depth, topk, tokens in ((3, 2, 4), (4, 2, 6), (5, 2, 8), (5, 3, 12), (6, 4, 16)):
+                tree = {"kind": "dynamic", "depth": depth, "topk": topk, "tokens": tokens}
+                section = eagle_section(str(ctx.draft_head), vocab, tree)
+                model = self.step_model(section, ctx)
+                if model is not None and (best is None or model[0] / model[1] > best[0]):
+                    params = {"speculative.drafter": "eagle", "speculative.eagle.vocab": vocab,
+                              "speculative.eagle.tree": "dynamic", "speculative.dynamic.depth": depth,
+                              "speculative.dynamic.topk": topk, "speculative.dynamic.tokens": tokens}
+                    best = (model[0] / model[1], params, section)
+        if best is None:
+            return None
+        return Preset("eagle-hw", best[1], best[2], "the tree and draft vocabulary this device's cost model "
+                      "predicts fastest (simulated acceptance, measured draft time, verify curve)")
+
     def presets(self, ctx: SearchContext) -> list[Preset]:
+        if ctx.draft_head:
+            return self._eagle_presets(ctx)
         draft = self._draft_spec(ctx)
         if draft is None:
             params = {"speculative.drafter": "prompt_lookup", "speculative.lookup.max_ngram": 2,
@@ -215,6 +303,11 @@ class SpeculativeSpace(SearchSpace):
                 device: torch.device) -> SpeculativeCalibration:
         """Measure the verify curves and the calibration sequences the cost model needs (once per study)."""
         from search_spaces.speculative_profiler import profile_verify
+
+        if ctx.draft_head:  # a head that does not load for this target fails here, in one line, before any trial
+            from policies.speculative import load_draft_head
+
+            load_draft_head(ctx.draft_head, model)
 
         inputs = ctx.study_inputs()
         prompt, new = int(ctx.workload["prompt_tokens"]), int(ctx.workload["new_tokens"])
@@ -312,6 +405,11 @@ class SpeculativeSpace(SearchSpace):
                 return None
             tokens, tree_size = self._lookup_model(section, calibration)
             return tokens, verify.ms(tree_size + 1, kv) + overhead
+        if section["drafter"] == "eagle":
+            if not calibration.sequences:
+                return None
+            sim = self.eagle_simulation(section, calibration)
+            return sim.tokens_per_step, sim.draft_ms + verify.ms(sim.tree_size + 1, kv) + overhead
         tree = section.get("tree", {})
         if tree.get("kind") != "static":
             return None
@@ -333,6 +431,22 @@ class SpeculativeSpace(SearchSpace):
         per_forward = calibration.per_forward_overhead_ms(section["drafter"])
         drafting = draft_ms(parents, draft_curve, kv, tokens, per_forward)
         return tokens, drafting + verify.ms(len(parents) + 1, kv) + overhead
+
+    @staticmethod
+    def eagle_simulation(section: dict[str, Any], calibration: SpeculativeCalibration) -> Any:
+        """The eagle section's simulated decode on the calibration continuations (cached per section)."""
+        from policies.speculative import SpeculativeConfig, make_drafter
+        from search_spaces.speculative_eagle import section_key, simulate_eagle
+
+        key = section_key(section)
+        if key not in calibration.eagle:
+            drafter = make_drafter(calibration.model, SpeculativeConfig.build(section))
+            try:
+                calibration.eagle[key] = simulate_eagle(calibration.model, drafter, calibration.sequences,
+                                                        calibration.features)
+            finally:
+                drafter.close()
+        return calibration.eagle[key]
 
     @staticmethod
     def _lookup_model(section: dict[str, Any], calibration: SpeculativeCalibration) -> tuple[float, float]:
@@ -357,6 +471,16 @@ class SpeculativeSpace(SearchSpace):
         full = {(r["n_query"], r["n_kv"]): r["ms"] for r in calibration.verify}
         w = (kept - 1) / max(1, ctx.num_layers - 1)
         return VerifyCurve([{**r, "ms": (1 - w) * r["ms"] + w * full[(r["n_query"], r["n_kv"])]} for r in rows_one])
+
+
+def _eagle_vocabs(vocab_size: int) -> list[int]:
+    return [v for v in EAGLE_VOCABS if v == 0 or not vocab_size or v < vocab_size]
+
+
+def eagle_section(head: str, vocab: int, tree: dict[str, Any]) -> dict[str, Any]:
+    """The policy section of the eagle drafter with `head`, draft vocabulary `vocab` (0: all) and `tree`."""
+    return {"drafter": "eagle", "eagle": {"head": head, "vocab": int(vocab) or None}, "tree": tree,
+            "node_budget": MAX_BUDGET}
 
 
 def _save_profile(ctx: SearchContext, calibration: SpeculativeCalibration) -> None:

@@ -222,8 +222,17 @@ def test_chat_code_passages_come_from_held_out_files():
         assert any(code in text for text in heldout)
 
 
-def test_chat_prose_passages_are_consecutive_reference_paragraphs():
-    paragraphs = set(tasks.prose_paragraphs())
+def test_prose_splits_partition_the_paragraphs():
+    train, heldout = tasks.prose_paragraphs("train"), tasks.prose_paragraphs("heldout")
+    assert not set(train) & set(heldout)
+    assert sorted(train + heldout) == sorted(tasks.prose_paragraphs())
+    assert 0.05 < len(heldout) / len(tasks.prose_paragraphs()) < 0.2
+    with pytest.raises(ValueError, match="split"):
+        tasks.prose_paragraphs("test")
+
+
+def test_chat_prose_passages_are_consecutive_held_out_paragraphs():
+    paragraphs = set(tasks.prose_paragraphs("heldout"))
     for r in get_task("chat-prose").requests(6, seed=2):
         parts = r.prompt.split("\n\n")[1:]
         assert 800 < len("\n\n".join(parts)) < 2000  # about n_chars = 1200

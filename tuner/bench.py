@@ -28,7 +28,7 @@ from tuner.measure import (
     summarize,
     time_generate,
 )
-from tuner.models import default_draft_model, load_model
+from tuner.models import default_draft_head, default_draft_model, load_model
 from tuner.quality import QualityConfig, QualityHarness, QualityReport, wilson_interval
 from tuner.workload import Workload, timing_input_ids
 
@@ -106,7 +106,8 @@ def run_bench(model_spec: str, policy: Policy | None, device_spec: str | None = 
         # No `prepare` here (no study): presets that need its measurements are skipped by their spaces.
         ctx = SearchContext(model_fingerprint=model_fingerprint(loaded.model), workload=workload.as_dict(),
                             device=device.to_dict(), model_id=loaded.model_id,
-                            draft_model=default_draft_model(loaded.model_id), model=loaded.model,
+                            draft_model=default_draft_model(loaded.model_id),
+                            draft_head=default_draft_head(loaded.model_id), model=loaded.model,
                             tokenizer=loaded.tokenizer)
         if with_presets:
             variants.extend(_preset_variants(policy, ctx))

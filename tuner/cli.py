@@ -113,11 +113,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _techniques(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (getattr(args, "techniques", None) or "").split(",") if t.strip())
+
+
 def _workload(args: argparse.Namespace) -> Any:
     from tuner.models import canonical_dtype, workload_defaults
     from tuner.workload import Workload
 
-    defaults = workload_defaults(args.model)
+    defaults = workload_defaults(args.model, _techniques(args))
     return Workload(prompt_tokens=_given(args.prompt_tokens, defaults.prompt_tokens),
                     new_tokens=_given(args.new_tokens, defaults.new_tokens), dtype=canonical_dtype(args.dtype))
 
@@ -126,11 +130,11 @@ def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _quality(args: argparse.Namespace) -> Any:
+def _quality(args: argparse.Namespace, techniques: tuple[str, ...] | None = None) -> Any:
     from tuner.models import workload_defaults
     from tuner.quality import QualityConfig
 
-    defaults = workload_defaults(args.model)
+    defaults = workload_defaults(args.model, _techniques(args) if techniques is None else techniques)
     tasks = tuple(t for t in _given(args.tasks, defaults.tasks).split(",") if t)
     examples = _given(args.examples, defaults.bench_examples if args.command == "bench" else defaults.tune_examples)
     from tuner.tasks import get_task
@@ -143,13 +147,14 @@ def _quality(args: argparse.Namespace) -> Any:
 def cmd_tune(args: argparse.Namespace) -> int:
     from tuner.tune import TuneConfig, tune
 
-    techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
+    techniques = _techniques(args)
     cfg = TuneConfig(model=args.model, techniques=techniques, budget=args.budget, timeout_s=args.timeout,
                      quality_budget=args.quality_budget, quality_metric=args.quality_metric,
                      objective=args.objective, device=args.device, storage=args.storage, study_name=args.study,
                      out_dir=Path(args.out), sampler=args.sampler, seed=args.seed, workload=_workload(args),
                      quality=_quality(args), repeats=args.repeats, show_progress=not args.json,
-                     draft_model=args.draft_model, trust_remote_code=args.trust_remote_code)
+                     draft_model=args.draft_model, draft_head=args.draft_head,
+                     trust_remote_code=args.trust_remote_code)
     result = tune(cfg, log=_say)
     summary = {"policy": str(result.policy_path), "artefacts": str(result.artefacts_dir),
                "best_trial": result.best_trial, "budget_met": result.budget_met, "n_trials": result.n_trials,
@@ -177,11 +182,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         defaults = workload_defaults(args.model)
         base = Workload(prompt_tokens=defaults.prompt_tokens, new_tokens=defaults.new_tokens)
+    techniques = tuple(policy.techniques) if policy is not None else ()
     workload = Workload(prompt_tokens=args.prompt_tokens or base.prompt_tokens,
                         new_tokens=args.new_tokens or base.new_tokens,
                         dtype=canonical_dtype(args.dtype) if args.dtype is not None else base.dtype)
     document = run_bench(args.model, policy, args.device, workload, repeats=args.repeats,
-                         quality=_quality(args), with_presets=not args.no_presets, log=_say,
+                         quality=_quality(args, techniques), with_presets=not args.no_presets, log=_say,
                          trust_remote_code=args.trust_remote_code)
     if args.json:
         _print_json(document)
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timing repeats per trial (median)")
     p.add_argument("--draft-model", default=None,
                    help="speculative: draft model sharing the tokenizer (default: the one known for --model)")
+    p.add_argument("--draft-head", default=None,
+                   help="speculative: EAGLE draft head, builtin:NAME or a directory (default: the model's known one)")
     quality_opts(p)
     p.add_argument("--json", action="store_true")
 

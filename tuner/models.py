@@ -35,13 +35,37 @@ def default_draft_model(model_id: str | None) -> str | None:
     return draft if (get_builtin_model(draft).checkpoint / "config.json").is_file() else None
 
 
-def workload_defaults(model_id: str) -> Any:
+#: EAGLE draft heads known for built-in targets (`tuner.builtin.train_eagle` trains them).
+KNOWN_HEADS = {"builtin:smollm2-135m": "builtin:smollm2-135m-eagle"}
+
+
+def default_draft_head(model_id: str | None) -> str | None:
+    """The draft head known for `model_id`, when its checkpoint is present (`SearchContext.draft_head`)."""
+    head = KNOWN_HEADS.get(model_id or "")
+    if head is None:
+        return None
+    from tuner.builtin import get_builtin_model
+
+    return head if (get_builtin_model(head).checkpoint / "config.json").is_file() else None
+
+
+#: Techniques that only change decoding (their claims are tokens/s on generated text, not prefill)
+DECODE_TECHNIQUES = frozenset({"speculative"})
+
+
+def workload_defaults(model_id: str, techniques: tuple[str, ...] | list[str] = ()) -> Any:
     """The `tuner.builtin.WorkloadDefaults` of a built-in model (tasks, examples, prompt length), or the
-    generic ones for anything else (a user's checkpoint directory or GGUF file)."""
+    generic ones for anything else (a user's checkpoint directory or GGUF file). A built-in's decode defaults
+    apply when every technique is a decoding one (`DECODE_TECHNIQUES`): speculative decoding is measured on
+    what it speeds up, long generations after short prompts."""
     from tuner.builtin import BUILTIN_MODELS, WorkloadDefaults
 
     entry = BUILTIN_MODELS.get(model_id.removeprefix(BUILTIN_PREFIX)) if model_id.startswith(BUILTIN_PREFIX) else None
-    return entry.defaults if entry is not None else WorkloadDefaults()
+    if entry is None:
+        return WorkloadDefaults()
+    if techniques and entry.decode_defaults is not None and set(techniques) <= DECODE_TECHNIQUES:
+        return entry.decode_defaults
+    return entry.defaults
 
 
 class ModelSpecError(ValueError):
@@ -117,6 +141,10 @@ def resolve_model_path(spec: str) -> Path:
     )
 
 
+#: the kind of an EAGLE draft-head directory (`policies.draft_heads`): loadable by a policy, not as a model
+DRAFT_HEAD = "draft-head"
+
+
 def checkpoint_kind(path: Path) -> tuple[str, bool]:
     """(kind, needs_remote_code) of a checkpoint directory, from its ``config.json``.
 
@@ -130,6 +158,8 @@ def checkpoint_kind(path: Path) -> tuple[str, bool]:
     except (OSError, ValueError) as exc:
         raise ModelSpecError(f"cannot read {path / 'config.json'}: {exc}") from exc
     architectures = config.get("architectures") or []
+    if "EagleHead" in architectures:
+        return DRAFT_HEAD, False
     diffusion = (any(str(a).endswith("ForMaskedLM") for a in architectures)
                  or str(config.get("model_type", "")).lower() in DIFFUSION_MODEL_TYPES)
     return (MASKED_DIFFUSION if diffusion else CAUSAL_LM), bool(config.get("auto_map"))
@@ -151,6 +181,9 @@ def load_model(spec: str, device: torch.device | str | None = None, dtype: str |
     hf_logging.disable_progress_bar()  # a CLI's stdout/stderr are for results, not weight-loading bars
     path = resolve_model_path(spec)
     kind, remote = checkpoint_kind(path)
+    if kind == DRAFT_HEAD:
+        raise ModelSpecError(f"{spec!r} is a draft head (EAGLE), not a model: a speculative policy names it in "
+                             "techniques.speculative.eagle.head")
     if remote and not trust_remote_code:
         raise ModelSpecError(f"model {spec!r} ships its own modelling code (config.json auto_map); pass "
                              "--trust-remote-code to run it")

@@ -454,18 +454,25 @@ CHARS_PER_PROSE_TOKEN = 4
 PASSKEY_LABELS = ("red", "green", "blue", "orange", "purple", "silver", "golden", "black")
 
 
-@functools.lru_cache(maxsize=1)
-def prose_paragraphs() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=3)
+def prose_paragraphs(split: str = "all") -> tuple[str, ...]:
     """Python's English reference prose (``pydoc_data.topics``, on every machine), as paragraphs: the filler of
-    the passkey tasks (ordinary sentences, unlike code, so a chat model reads it as text)."""
+    the passkey tasks (ordinary sentences, unlike code, so a chat model reads it as text).
+
+    ``split`` "heldout" (~10%, by a hash of the paragraph, like :func:`is_heldout` for code) or "train" (the rest):
+    chat requests draw their passages from the held-out paragraphs, so what is trained on local text (a draft
+    head) never saw the text it is measured on."""
     from pydoc_data.topics import topics
 
+    if split not in ("heldout", "train", "all"):
+        raise ValueError(f"split must be 'heldout', 'train' or 'all', got {split!r}")
     out = []
     for key in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[key]):
             text = " ".join(block.split())
             if len(text) > 80 and not set(text) <= set("*=-~ "):
-                out.append(text)
+                if split == "all" or (split == "heldout") == is_heldout(text):
+                    out.append(text)
     return tuple(out)
 
 
@@ -560,10 +567,11 @@ def _cut_at_sentence(text: str, limit: int) -> str:
     return text[: space if space > 0 else limit]
 
 
-def prose_passage(rng: random.Random, n_chars: int) -> str:
-    """Consecutive paragraphs of :func:`prose_paragraphs` from a random one, about ``n_chars`` characters in
-    all (a paragraph that would overshoot by more than half of ``n_chars`` is cut at a sentence end)."""
-    paragraphs = prose_paragraphs()
+def prose_passage(rng: random.Random, n_chars: int, split: str = "heldout") -> str:
+    """Consecutive paragraphs of :func:`prose_paragraphs` (``split``) from a random one, about ``n_chars``
+    characters in all (a paragraph that would overshoot by more than half of ``n_chars`` is cut at a sentence
+    end)."""
+    paragraphs = prose_paragraphs(split)
     index = rng.randrange(len(paragraphs))
     out: list[str] = []
     total = 0
@@ -583,7 +591,7 @@ def prose_passage(rng: random.Random, n_chars: int) -> str:
 @dataclass(repr=False)
 class ChatTask(Task):
     """Chat requests to time decoding on: "explain", "summarise" or "continue" over about ``n_chars``
-    characters of Python's reference prose (:func:`prose_paragraphs`) or of held-out stdlib code
+    characters of Python's held-out reference prose (:func:`prose_paragraphs`) or of held-out stdlib code
     (:func:`_code_window`), as a user turn of the chat template (``chat``).
 
     Example ``i`` asks ``kinds[i % K]`` over ``sources[(i % K + i // K) % S]`` (K kinds, S sources): both change

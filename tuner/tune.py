@@ -25,7 +25,7 @@ from policies.store import model_slug
 from profilers.device import DeviceFingerprint, resolve_device, torch_device
 from search_spaces import SearchContext, SearchSpace, get_search_space
 from tuner.measure import GenerationMeasurement, forwards_per_token, measure_generation
-from tuner.models import LoadedModel, default_draft_model, load_model
+from tuner.models import LoadedModel, default_draft_head, default_draft_model, load_model
 from tuner.quality import HIGHER_IS_BETTER, QUALITY_METRICS, QualityConfig, QualityHarness, quality_drop
 from tuner.study import (
     CONSTRAINT_KEY,
@@ -65,6 +65,7 @@ class TuneConfig:
     repeats: int = 3
     show_progress: bool = False
     draft_model: str | None = None  # speculative decoding's draft model (default: the one known for the model)
+    draft_head: str | None = None  # speculative decoding's EAGLE head (default: the one known for the model)
     trust_remote_code: bool = False  # run modelling code shipped in the checkpoint (LLaDA, Dream)
 
 
@@ -167,7 +168,8 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
                         curves=curves, model_id=loaded.model_id,
-                        draft_model=cfg.draft_model or default_draft_model(loaded.model_id), artefacts=artefacts,
+                        draft_model=cfg.draft_model or default_draft_model(loaded.model_id),
+                        draft_head=cfg.draft_head or default_draft_head(loaded.model_id), artefacts=artefacts,
                         objective=cost_metric, model=model, tokenizer=tokenizer, inputs=TunerInputs(cfg.quality))
     _prepare(spaces, ctx, model, tokenizer, torch_device(device), say)
 

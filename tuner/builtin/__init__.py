@@ -79,7 +79,8 @@ class BuiltinModel:
 
     name: str
     description: str
-    kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM) or "masked-diffusion" (AutoModelForMaskedLM)
+    kind: str = "causal-lm"  # "causal-lm" (AutoModelForCausalLM), "masked-diffusion" (AutoModelForMaskedLM) or
+    # "draft-head" (an EAGLE head a speculative policy names, policies.draft_heads)
     train_recipe: str = ""  # key of tuner.builtin.train.RECIPES; `python -m tuner.builtin.train NAME`
     train_module: str = "tuner.builtin.train"  # the module whose main() trains (or generates) it
     tasks: tuple[str, ...] = ()  # built-in tasks (tuner.tasks) it is trained for
@@ -87,6 +88,8 @@ class BuiltinModel:
     # use into the cache instead of committed; "" for committed checkpoints
     generated_by: str = ""
     defaults: WorkloadDefaults = WorkloadDefaults()
+    #: for decoding techniques only (`tuner.models.DECODE_TECHNIQUES`); None: `defaults`
+    decode_defaults: WorkloadDefaults | None = None
 
     @property
     def spec(self) -> str:
@@ -107,6 +110,8 @@ class BuiltinModel:
 
     @property
     def train_command(self) -> str:
+        if self.kind == "draft-head":
+            return f"python -m {self.train_module}"
         if self.train_module != "tuner.builtin.train":
             return f"python -m {self.train_module} OUT_DIR"
         return f"python -m tuner.builtin.train {self.train_recipe or self.name}"
@@ -173,6 +178,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         # the budget), a bench row 100 (the fewest an accuracy claim rests on)
         defaults=WorkloadDefaults(tasks="passkey-2k", tune_examples=16, bench_examples=100, prompt_tokens=2048,
                                   new_tokens=16),
+        # issue 15's: 64 new tokens after a chat-request-sized prompt; quality is the lossless check (answers
+        # equal to dense) on a few 1.1k-token passkey prompts
+        decode_defaults=WorkloadDefaults(tasks="passkey", tune_examples=2, bench_examples=8, prompt_tokens=384,
+                                         new_tokens=64),
+    ),
+    "smollm2-135m-eagle": BuiltinModel(
+        name="smollm2-135m-eagle",
+        description=(
+            "EAGLE draft head for builtin:smollm2-135m (FC + one Llama layer over its features, ~4.2M params, "
+            "bf16), trained on this CPU by tuner.builtin.train_eagle on the target's own answers to chat requests "
+            "over training-split text; a speculative policy's techniques.speculative.eagle.head"
+        ),
+        kind="draft-head",
+        train_module="tuner.builtin.train_eagle",
     ),
 }
 
