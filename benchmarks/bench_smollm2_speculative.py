@@ -151,13 +151,10 @@ def eagle_sections(head: str, vocab_size: int) -> dict[str, dict[str, Any]]:
         "eagle, chain k=3": section({"kind": "static", "parents": chain_tree(3)}),
         "eagle, dynamic (4, 2, 6)": section({"kind": "dynamic", "depth": 4, "topk": 2, "tokens": 6}),
     }
-    for vocab in (8192, 4096):
-        if vocab < vocab_size:
-            out[f"eagle, dynamic (4, 2, 6), vocab {vocab}"] = section(
-                {"kind": "dynamic", "depth": 4, "topk": 2, "tokens": 6}, vocab)
-            out[f"eagle, dynamic (5, 3, 10), vocab {vocab}"] = section(
-                {"kind": "dynamic", "depth": 5, "topk": 3, "tokens": 10}, vocab)
-            out[f"eagle, chain k=4, vocab {vocab}"] = section({"kind": "static", "parents": chain_tree(4)}, vocab)
+    for vocab, trees in ((8192, ((4, 2, 6), (5, 3, 10))), (4096, ((4, 2, 6),))):
+        for depth, topk, tokens in trees if vocab < vocab_size else ():
+            out[f"eagle, dynamic ({depth}, {topk}, {tokens}), vocab {vocab}"] = section(
+                {"kind": "dynamic", "depth": depth, "topk": topk, "tokens": tokens}, vocab)
     return out
 
 

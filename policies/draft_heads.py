@@ -16,8 +16,14 @@ the published heads, so a checkpoint in EAGLE-1/2's layout loads as is:
 `rope_theta`, ...) and EAGLE's top-level `"bias"` (default true, as EAGLE's loader reads it). Weights load
 from `model.safetensors` or `pytorch_model.bin` through `torch.load(weights_only=True)`, never plain pickles.
 
-EAGLE-3's layout (`midlayer.*`, an FC over three target layers, its own LM head over a reduced vocabulary with
-`d2t` offsets) is recognised and refused with one line: its architecture is not this head's.
+EAGLE-3's layout loads too (`Eagle3Head`): an FC over three target layers' hidden states (the inputs of layers
+2, N//2 and N-3, concatenated low to high), one layer whose attention reads [norm(embedding), norm(feature)]
+(2H wide), a final norm and its own LM head over a reduced vocabulary, `d2t` mapping draft ids to target ids
+(target id = draft id + d2t[draft id]):
+
+    fc.weight (H, 3H), midlayer.self_attn.{q,k,v}_proj.weight (.., 2H), midlayer.self_attn.o_proj.weight,
+    midlayer.mlp.{gate,up,down}_proj.weight, midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight,
+    norm.weight, lm_head.weight (Vd, H), d2t (Vd,) int64, t2d (V,) bool
 
 A draft vocabulary (FR-Spec, Zhao et al. 2025, arXiv 2502.14856): the head may score only the `k` most frequent
 tokens of its training text, with the target's LM-head rows for those tokens. SmolLM2's LM head is 49152 x 576
@@ -38,7 +44,7 @@ from torch import nn
 
 from profilers.hf_compat import cache_arg
 
-__all__ = ["EagleHead", "HeadFormatError", "load_head", "save_head", "head_format"]
+__all__ = ["Eagle3Head", "EagleHead", "HeadFormatError", "load_head", "save_head", "head_format"]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -90,6 +96,9 @@ class EagleHead(nn.Module):
         self.backbone.norm = nn.Identity()  # and the head no final norm: f is normed already
         self.vocab_rank: torch.Tensor | None = None
 
+    #: target layers whose *inputs* are the features (None: the final norm's output)
+    tap_layers: tuple[int, ...] | None = None
+
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, cache: Any = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.fc(torch.cat([embeds, features], dim=-1))
@@ -109,18 +118,117 @@ class EagleHead(nn.Module):
         return out
 
     def load_eagle_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        own = self.eagle_state_dict()
-        missing = sorted(set(own) - set(tensors))
-        if missing:
-            raise HeadFormatError(f"draft head {source}: tensor {missing[0]} missing ({len(missing)} in all) for "
-                                  f"an EAGLE-1/2 head of this target")
+        _copy_checked(self.eagle_state_dict(), tensors, source, "EAGLE-1/2")
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3's head (see the module docstring): features of three target layers fused by `fc`, attention over
+    [norm(embedding), norm(feature)], its own final norm and LM head over `d2t`'s draft vocabulary. Tree nodes
+    feed back the layer's pre-norm output, which is already H wide (no `fc`)."""
+
+    def __init__(self, target_config: Any, config: dict[str, Any]) -> None:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import (
+            LlamaAttention,
+            LlamaMLP,
+            LlamaRMSNorm,
+            LlamaRotaryEmbedding,
+        )
+
+        super().__init__()
+        hidden = int(config.get("hidden_size", target_config.hidden_size))
+        heads = int(config.get("num_attention_heads", target_config.num_attention_heads))
+        fields = {"hidden_size": hidden, "intermediate_size": int(config.get("intermediate_size",
+                                                                              target_config.intermediate_size)),
+                  "num_attention_heads": heads, "num_hidden_layers": 1, "vocab_size": 1,
+                  "num_key_value_heads": int(config.get("num_key_value_heads", heads)),
+                  "head_dim": int(config.get("head_dim") or hidden // heads),
+                  "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+                  "rope_theta": float(config.get("rope_theta", 10000.0)),  # EAGLE-3's training used base 10000
+                  "max_position_embeddings": int(config.get("max_position_embeddings", 2048)),
+                  "hidden_act": config.get("hidden_act", "silu"), "attention_bias": False}
+        self.config = LlamaConfig(**fields)
+        self.config._attn_implementation = "sdpa"
+        wide = LlamaConfig(**{**fields, "hidden_size": 2 * hidden})
+        wide._attn_implementation = "sdpa"
+        target_hidden = int(config.get("target_hidden_size") or target_config.hidden_size)
+        n_layers = int(target_config.num_hidden_layers)
+        self.tap_layers = (2, n_layers // 2, n_layers - 3)
+        self.fc = nn.Linear(3 * target_hidden, hidden, bias=False)
+        self.self_attn = LlamaAttention(wide, layer_idx=0)
+        self.self_attn.o_proj = nn.Linear(heads * fields["head_dim"], hidden, bias=False)
+        self.mlp = LlamaMLP(self.config)
+        eps = fields["rms_norm_eps"]
+        self.input_layernorm = LlamaRMSNorm(hidden, eps=eps)
+        self.hidden_norm = LlamaRMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=eps)
+        self.norm = LlamaRMSNorm(hidden, eps=eps)
+        self.rotary = LlamaRotaryEmbedding(self.config)
+        draft_vocab = int(config.get("draft_vocab_size", target_config.vocab_size))
+        self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
+        self.register_buffer("draft_to_target", torch.arange(draft_vocab), persistent=False)
+        self.target_vocab = int(target_config.vocab_size)
+        self.vocab_rank: torch.Tensor | None = None
+
+    _MIDLAYER = ("self_attn", "mlp", "input_layernorm", "hidden_norm", "post_attention_layernorm")
+
+    def eagle3_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under EAGLE-3's names (without d2t / t2d)."""
+        out = {f"fc.{k}": v for k, v in self.fc.state_dict().items()}
+        for name in self._MIDLAYER:
+            out.update({f"midlayer.{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
+        out.update({f"norm.{k}": v for k, v in self.norm.state_dict().items()})
+        out.update({f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()})
+        return out
+
+    def load_eagle3_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        _copy_checked(self.eagle3_state_dict(), tensors, source, "EAGLE-3")
+        d2t = tensors.get("d2t")
+        if d2t is not None:
+            ids = torch.arange(len(d2t)) + d2t.to(torch.long)
+            if len(d2t) != self.lm_head.weight.shape[0] or int(ids.min()) < 0 or int(ids.max()) >= self.target_vocab:
+                raise HeadFormatError(f"draft head {source}: d2t maps draft ids outside the target's vocabulary")
+            self.draft_to_target = ids
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, target vocab) float logits: the draft vocabulary's at their target ids, -inf elsewhere."""
+        sub = self.lm_head(self.norm(hidden)).float()
+        out = torch.full((hidden.shape[0], self.target_vocab), -float("inf"), device=hidden.device)
+        out[:, self.draft_to_target] = sub
+        return out
+
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor, cache: Any = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.fc(features) if features.shape[-1] != embeds.shape[-1] else features
+        n = h.shape[1]
+        past = 0 if cache is None else cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n, device=h.device)[None]
+        if attention_mask is None:  # causal over the cache and the new rows
+            attention_mask = torch.zeros(1, 1, n, past + n, dtype=h.dtype, device=h.device)
+            attention_mask[..., past:] = torch.triu(torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype,
+                                                               device=h.device), 1)
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(h)], dim=-1)
+        kwargs = {} if cache is None else cache_arg(self.self_attn, cache)
+        attn, _ = self.self_attn(hidden_states=x, position_embeddings=self.rotary(h, position_ids),
+                                 attention_mask=attention_mask, **kwargs)
+        out = h + attn
+        return out + self.mlp(self.post_attention_layernorm(out))
+
+
+def _copy_checked(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str, layout: str) -> None:
+    """Copy `tensors` into `own` (the module's own state tensors), refusing missing names and wrong shapes."""
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise HeadFormatError(f"draft head {source}: tensor {missing[0]} missing ({len(missing)} in all) for an "
+                              f"{layout} head of this target")
+    for key, value in own.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise HeadFormatError(f"draft head {source}: {key} has shape {tuple(tensors[key].shape)}, this "
+                                  f"target's head needs {tuple(value.shape)}")
+    with torch.no_grad():
         for key, value in own.items():
-            if tuple(tensors[key].shape) != tuple(value.shape):
-                raise HeadFormatError(f"draft head {source}: {key} has shape {tuple(tensors[key].shape)}, this "
-                                      f"target's head needs {tuple(value.shape)}")
-        with torch.no_grad():
-            for key, value in own.items():
-                value.copy_(tensors[key].to(value.dtype))
+            value.copy_(tensors[key].to(value.dtype))
 
 
 def head_format(tensors: dict[str, torch.Tensor]) -> str:
@@ -146,8 +254,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise HeadFormatError(f"draft head {path}: neither {SAFETENSORS_FILE} nor {TORCH_FILE} found")
 
 
-def load_head(path: str | Path, target: Any) -> EagleHead:
-    """The EAGLE-1/2 head in directory `path` for `target` (on its device and in its dtype), in eval mode."""
+def load_head(path: str | Path, target: Any) -> EagleHead | Eagle3Head:
+    """The EAGLE-1/2 or EAGLE-3 head in directory `path` for `target` (on its device and in its dtype), in eval
+    mode."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
@@ -158,9 +267,14 @@ def load_head(path: str | Path, target: Any) -> EagleHead:
         raise HeadFormatError(f"draft head {path}: {CONFIG_FILE} is not JSON ({exc})") from None
     tensors = _read_tensors(path)
     kind = head_format(tensors)
+    weight = next(target.parameters())
     if kind == "eagle3":
-        raise HeadFormatError(f"draft head {path}: EAGLE-3 layout (midlayer.*, d2t): its architecture (three target "
-                              "layers, its own LM head) is not EAGLE-1/2's, which is what drafter eagle runs")
+        head3 = Eagle3Head(target.config, config)
+        head3.load_eagle3_state_dict(tensors, str(path))
+        if int(target.config.num_hidden_layers) < 4:
+            raise HeadFormatError(f"draft head {path}: an EAGLE-3 head reads layers 2, N/2 and N-3; the target has "
+                                  f"only {target.config.num_hidden_layers}")
+        return head3.to(device=weight.device, dtype=weight.dtype).eval()
     if kind != "eagle":
         raise HeadFormatError(f"draft head {path}: not an EAGLE head (no fc.weight and layers.0.* tensors)")
     hidden = int(target.config.hidden_size)
@@ -176,7 +290,6 @@ def load_head(path: str | Path, target: Any) -> EagleHead:
         if rank.ndim != 1 or int(rank.max()) >= vocab or int(rank.min()) < 0:
             raise HeadFormatError(f"draft head {path}: {VOCAB_RANK_KEY} holds ids outside the target's vocabulary "
                                   f"of {vocab}")
-    weight = next(target.parameters())
     head = head.to(device=weight.device, dtype=weight.dtype).eval()
     head.vocab_rank = None if rank is None else rank.to(weight.device)
     return head

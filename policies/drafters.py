@@ -449,7 +449,7 @@ class EagleDrafter(ModelDrafter):
 
     def __init__(self, target: Any, head: Any, shape: Sequence[int] | None = None, *, dynamic_depth: int = 5,
                  dynamic_topk: int = 4, dynamic_tokens: int = 8, vocab_size: int | None = None) -> None:
-        from policies.draft_heads import DraftVocabulary
+        from policies.draft_heads import DraftVocabulary, Eagle3Head, HeadFormatError
         from profilers.model_parts import decoder_parts
 
         super().__init__(head, shape, dynamic_depth=dynamic_depth, dynamic_topk=dynamic_topk,
@@ -457,16 +457,33 @@ class EagleDrafter(ModelDrafter):
         parts = decoder_parts(target)
         self.head = head
         self.embed = parts.embed
-        self.vocab = DraftVocabulary.build(parts.lm_head, head.vocab_rank, vocab_size)
-        self._captured: torch.Tensor | None = None
-        self._tap = parts.norm.register_forward_hook(self._capture)
+        self._own_logits = isinstance(head, Eagle3Head)  # EAGLE-3: its own LM head over its draft vocabulary
+        if self._own_logits and vocab_size is not None:
+            raise HeadFormatError("an EAGLE-3 head scores its own draft vocabulary (d2t); set vocab: null")
+        self.vocab = None if self._own_logits else DraftVocabulary.build(parts.lm_head, head.vocab_rank, vocab_size)
+        self._captured: list[torch.Tensor] = []
+        if head.tap_layers is None:  # EAGLE-1/2: the final norm's output
+            self._taps = [parts.norm.register_forward_hook(self._capture_output)]
+        else:  # EAGLE-3: the inputs of a few decoder layers, low to high
+            self._taps = [parts.layers[i].register_forward_pre_hook(self._capture_input, with_kwargs=True)
+                          for i in head.tap_layers]
         self._begin_state(0)
 
-    def _capture(self, module: Any, args: Any, output: Any) -> None:
-        self._captured = output if isinstance(output, torch.Tensor) else output[0]
+    def _capture_output(self, module: Any, args: Any, output: Any) -> None:
+        self._captured = [output if isinstance(output, torch.Tensor) else output[0]]
+
+    def _capture_input(self, module: Any, args: Any, kwargs: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if len(self._captured) == len(self._taps):  # a new forward
+            self._captured = []
+        self._captured.append(hidden)
 
     def close(self) -> None:
-        self._tap.remove()
+        for tap in self._taps:
+            tap.remove()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden) if self._own_logits else self.vocab.logits(hidden)
 
     def _begin_state(self, prompt_len: int) -> None:
         self.prompt_len = prompt_len
@@ -481,10 +498,11 @@ class EagleDrafter(ModelDrafter):
         self._begin_state(int(input_ids.shape[-1]))
 
     def observe(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
-        if self._captured is None:
-            raise RuntimeError("eagle drafter: the target's final norm produced no features in this forward")
-        rows = self._captured[0, -len(token_ids):]
-        self._captured = None
+        if len(self._captured) != len(self._taps):
+            raise RuntimeError("eagle drafter: the target's forward did not pass the head's feature taps")
+        n = len(token_ids)  # each tap's last n rows (after token retention, deeper layers hold fewer)
+        rows = torch.cat([c[0, -n:] for c in self._captured], dim=-1)
+        self._captured = []
         self.observe_features(rows)
 
     def observe_features(self, rows: torch.Tensor) -> None:
@@ -530,7 +548,7 @@ class EagleDrafter(ModelDrafter):
         self.pending = None
         self._root_hidden = hidden[-1]
         self._fed_hidden = []
-        root_logits = self.vocab.logits(hidden[-1:])[0]
+        root_logits = self._logits(hidden[-1:])[0]
         if self.shape is not None:
             return self._static(root_logits, sampling, generator)
         return self._dynamic(root_logits, sampling, generator)
@@ -545,4 +563,4 @@ class EagleDrafter(ModelDrafter):
         positions = tree_position_ids(parents, self.next_pos, device=self.device)[:, -len(tokens):]
         hidden = self._run(features, tokens, positions, mask)
         self._fed_hidden.extend(hidden.unbind(0))
-        return self.vocab.logits(hidden)
+        return self._logits(hidden)

@@ -182,7 +182,7 @@ class SpeculativeSpace(SearchSpace):
             tree: dict[str, Any] = {"kind": "static", "parents": chain_tree(k)}
         else:
             depth = trial.suggest_int("speculative.dynamic.depth", 2, 8)
-            topk = trial.suggest_int("speculative.dynamic.topk", 1, 8)
+            topk = trial.suggest_int("speculative.dynamic.topk", 1, 10)
             most = min(MAX_BUDGET, topk + (depth - 1) * topk * topk)
             tree = {"kind": "dynamic", "depth": depth, "topk": topk,
                     "tokens": trial.suggest_int("speculative.dynamic.tokens", min(2, most), most, log=True)}

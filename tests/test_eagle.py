@@ -251,17 +251,66 @@ def test_eagle1_layout_loads(tmp_path, bias, torch_bin):
     assert torch.equal(_outputs(loaded), _outputs(head))
 
 
-def test_eagle3_layout_and_bad_files_are_refused_with_one_line(tmp_path):
+def _eagle3_checkpoint(tmp_path, target, draft_vocab: int = 40):
+    """A random EAGLE-3 head written in EAGLE-3's layout: config with draft_vocab_size, `midlayer.*`, `norm`,
+    `lm_head` over the draft vocabulary, d2t offsets (draft ids sorted by target id) and the t2d mask."""
     from safetensors.torch import save_file
 
+    from policies.draft_heads import Eagle3Head
+
+    cfg = target.config
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": cfg.hidden_size,
+              "intermediate_size": 96, "num_attention_heads": cfg.num_attention_heads,
+              "num_key_value_heads": cfg.num_key_value_heads, "num_hidden_layers": 1, "rms_norm_eps": 1e-5,
+              "vocab_size": cfg.vocab_size, "draft_vocab_size": draft_vocab, "max_position_embeddings": 512}
+    torch.manual_seed(4)
+    head = Eagle3Head(cfg, config).eval()
+    with torch.no_grad():
+        head.fc.weight.mul_(4.0)
+    used = sorted(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:draft_vocab].tolist())
+    d2t = torch.tensor(used) - torch.arange(draft_vocab)
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[used] = True
+    out = tmp_path / "eagle3"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.contiguous() for k, v in head.eagle3_state_dict().items()}
+    save_file({**tensors, "d2t": d2t, "t2d": t2d}, str(out / "model.safetensors"))
+    return out, head, used
+
+
+def test_eagle3_layout_loads_maps_its_vocabulary_and_drafts_losslessly(tmp_path):
+    target = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)).eval()
+    path, written, used = _eagle3_checkpoint(tmp_path, target)
+    head = load_head(path, target)
+    assert head.tap_layers == (2, 3, 3)
+    assert head.draft_to_target.tolist() == used
+    feats, embeds = torch.randn(1, 4, 192), torch.randn(1, 4, 64)
+    with torch.inference_mode():
+        hidden = head(feats, embeds)
+        assert torch.equal(hidden, written(feats, embeds))
+        logits = head.logits(hidden[0])
+    assert torch.isinf(logits[:, [t for t in range(VOCAB) if t not in used]]).all()
+    assert torch.isfinite(logits[:, used]).all()
+    ids = _prompt()
+    for tree in ([-1, 0, 1], None):
+        drafter = EagleDrafter(target, head, tree, dynamic_depth=3, dynamic_topk=2, dynamic_tokens=4)
+        try:
+            assert torch.equal(_generate(target, ids, 24, drafter), _dense(target, ids, 24))
+        finally:
+            drafter.close()
+    with pytest.raises(HeadFormatError, match="vocab: null"):
+        EagleDrafter(target, head, [-1], vocab_size=16)
+
+
+def test_bad_head_files_are_refused_with_one_line(tmp_path):
     target = _random_lm("llama")
-    eagle3 = tmp_path / "eagle3"
-    eagle3.mkdir()
-    (eagle3 / "config.json").write_text(json.dumps({"hidden_size": 64, "draft_vocab_size": 32}))
-    save_file({"fc.weight": torch.zeros(64, 192), "midlayer.self_attn.q_proj.weight": torch.zeros(64, 128),
-               "d2t": torch.zeros(32, dtype=torch.long)}, str(eagle3 / "model.safetensors"))
-    with pytest.raises(HeadFormatError, match="EAGLE-3") as info:
-        load_head(eagle3, target)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(HeadFormatError, match="neither") as info:
+        load_head(empty, target)
     assert "\n" not in str(info.value)
 
     pickled = tmp_path / "pickled"
