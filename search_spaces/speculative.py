@@ -227,7 +227,7 @@ class SpeculativeSpace(SearchSpace):
         vocab_size = int(ctx.model_fingerprint.get("vocab_size") or 0)
         best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
         for vocab in [v for v in (0, 8192) if v in _eagle_vocabs(vocab_size)]:
-            for depth, topk, tokens in ((3, 2, 4), (4, 2, 6), (5, 2, 8), (5, 3, 12), (6, 4, 16)):
+            for depth, topk, tokens in ((3, 2, 4), (4, 2, 6), (5, 3, 10)):
                 tree = {"kind": "dynamic", "depth": depth, "topk": topk, "tokens": tokens}
                 section = eagle_section(str(ctx.draft_head), vocab, tree)
                 model = self.step_model(section, ctx)
