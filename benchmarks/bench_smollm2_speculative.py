@@ -68,6 +68,7 @@ import transformers  # noqa: E402
 
 from policies.registry import get_runtime  # noqa: E402
 from profilers.device import use_cpu_threads  # noqa: E402
+from search_spaces.speculative_eagle import acceptance_by_depth  # noqa: E402
 from search_spaces.speculative_peers import PROMPT_LOOKUP_NUM_TOKENS, hf_speculative_peers  # noqa: E402
 from search_spaces.speculative_trees import branching_tree, chain_tree  # noqa: E402
 from tuner.models import load_model  # noqa: E402
@@ -400,15 +401,6 @@ def table(samples: SampleMap, variants: list[Variant], prompts: list[Prompt], t:
         rows += ["", "| Eagle variant | Drafting ms per step (median) | Acceptance by depth (alpha_1, alpha_2, ...) |",
                  "|---|---:|---|", *depth_rows]
     return rows, "none" if best is None else best[1], check
-
-
-def acceptance_by_depth(accepted_per_step: list[int]) -> list[float]:
-    """alpha_d = P(depth d accepted | depth d - 1 was), from the accepted lengths of verify steps."""
-    out = []
-    for d in range(1, max(accepted_per_step, default=0) + 1):
-        before = sum(1 for a in accepted_per_step if a >= d - 1)
-        out.append(sum(1 for a in accepted_per_step if a >= d) / before)
-    return out
 
 
 def identity_check(model: Any, tokenizer: Any, variant: Variant, dense: Variant, n: int, new_tokens: int,

@@ -656,13 +656,9 @@ def lookup_simulation(drafter: Any, sequences: Sequence[tuple[list[int], list[in
 
 def _greedy_path(parents: Sequence[int], tokens: Sequence[int], truth: Sequence[int]) -> int:
     """Length of the longest root path of the tree that spells a prefix of `truth`."""
-    node, depth = -1, 0
-    while depth < len(truth):
-        nxt = next((i for i, p in enumerate(parents) if p == node and tokens[i] == truth[depth]), None)
-        if nxt is None:
-            break
-        node, depth = nxt, depth + 1
-    return depth
+    from search_spaces.speculative_eagle import accepted_nodes
+
+    return len(accepted_nodes(parents, tokens, truth))
 
 
 register_search_space(SpeculativeSpace())

@@ -55,6 +55,16 @@ def accepted_nodes(parents: Sequence[int], tokens: Sequence[int], truth: Sequenc
     return path
 
 
+def acceptance_by_depth(accepted_per_step: Sequence[int], depth: int | None = None) -> list[float]:
+    """alpha_d = P(depth d accepted | depth d - 1 was), d = 1..`depth` (default: the deepest reached), from the
+    accepted lengths of verify steps; 0.0 where no step reached depth d - 1."""
+    out = []
+    for d in range(1, (max(accepted_per_step, default=0) if depth is None else depth) + 1):
+        before = sum(1 for a in accepted_per_step if a >= d - 1)
+        out.append(sum(1 for a in accepted_per_step if a >= d) / before if before else 0.0)
+    return out
+
+
 def simulate_eagle(model: Any, drafter: Any, sequences: Sequence[tuple[list[int], list[int]]],
                    features: dict[int, torch.Tensor] | None = None) -> EagleSimulation:
     """Run `drafter` (an `EagleDrafter` for `model`) over the target's greedy continuations `sequences` as the
@@ -95,11 +105,7 @@ def simulate_eagle(model: Any, drafter: Any, sequences: Sequence[tuple[list[int]
             sizes.append(len(draft))
             reached.append(len(path))
             t += len(path) + 1
-    depth = max(reached, default=0)
-    alpha = []
-    for d in range(1, depth + 1):
-        before = sum(1 for r in reached if r >= d - 1)
-        alpha.append(sum(1 for r in reached if r >= d) / before if before else 0.0)
+    alpha = acceptance_by_depth(reached)
     return EagleSimulation(tokens_per_step=produced / steps if steps else 1.0,
                            tree_size=statistics.mean(sizes) if sizes else 0.0,
                            draft_ms=statistics.median(draft_times) if draft_times else 0.0,

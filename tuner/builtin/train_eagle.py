@@ -290,10 +290,10 @@ def acceptance_by_depth(model: Any, tokenizer: Any, head: EagleHead, n_prompts: 
     against dense greedy output."""
     from policies.drafters import EagleDrafter
     from policies.speculative import SpeculativeStats, speculative_generate
+    from search_spaces.speculative_eagle import acceptance_by_depth as alphas
     from tuner.tasks import get_task
 
-    reached = [0] * (depth + 1)
-    steps = 0
+    accepted: list[int] = []
     for example in get_task("chat").examples(n_prompts, seed=0):
         ids = torch.tensor([_chat_ids(tokenizer, example.prompt)])
         drafter = EagleDrafter(model, head, list(range(-1, depth - 1)))
@@ -307,14 +307,10 @@ def acceptance_by_depth(model: Any, tokenizer: Any, head: EagleHead, n_prompts: 
             drafter.close()
         if not torch.equal(out, dense):
             raise RuntimeError("eagle drafter changed the greedy output: a bug, not a weak head")
-        steps += stats.steps
-        for a in stats.accepted_per_step:
-            for d in range(a + 1):
-                reached[d] += 1
-    alpha = [reached[d] / reached[d - 1] if reached[d - 1] else 0.0 for d in range(1, depth + 1)]
-    return {"prompts": n_prompts, "new_tokens": new_tokens, "steps": steps, "chain_depth": depth,
-            "acceptance_by_depth": [round(a, 4) for a in alpha],
-            "mean_accepted_per_step": round((sum(reached) - reached[0]) / max(1, steps), 4)}
+        accepted += stats.accepted_per_step
+    return {"prompts": n_prompts, "new_tokens": new_tokens, "steps": len(accepted), "chain_depth": depth,
+            "acceptance_by_depth": [round(a, 4) for a in alphas(accepted, depth)],
+            "mean_accepted_per_step": round(sum(accepted) / max(1, len(accepted)), 4)}
 
 
 # -- command line --------------------------------------------------------------------------------------------
