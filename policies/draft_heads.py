@@ -190,9 +190,13 @@ class Eagle3Head(nn.Module):
                 raise HeadFormatError(f"draft head {source}: d2t maps draft ids outside the target's vocabulary")
             self.draft_to_target = ids
 
+    def scored_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, draft vocab) float logits; column j is target token `draft_to_target[j]`."""
+        return self.lm_head(self.norm(hidden)).float()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, target vocab) float logits: the draft vocabulary's at their target ids, -inf elsewhere."""
-        sub = self.lm_head(self.norm(hidden)).float()
+        sub = self.scored_logits(hidden)
         out = torch.full((hidden.shape[0], self.target_vocab), -float("inf"), device=hidden.device)
         out[:, self.draft_to_target] = sub
         return out
@@ -348,11 +352,18 @@ class DraftVocabulary:
     def vocab_size(self) -> int:
         return int(self.lm_head.weight.shape[0])
 
+    def scored_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, size) float logits of the scored tokens only; column j is token `ids[j]` (every token in id order
+        when `ids` is None)."""
+        if self.ids is None:
+            return self.lm_head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, vocab) float logits of `hidden` (n, H): -inf for tokens outside the draft vocabulary."""
         if self.ids is None:
             return self.lm_head(hidden).float()
-        sub = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+        sub = self.scored_logits(hidden)
         out = torch.full((hidden.shape[0], self.vocab_size), -float("inf"), device=hidden.device)
         out[:, self.ids] = sub
         return out

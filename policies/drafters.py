@@ -283,6 +283,8 @@ class ModelDrafter(Drafter):
         self.kv: Any = None
         self.n_cached = 0
         self._fed: dict[int, int] = {}  # node index -> position among the tree tokens fed this step
+        #: greedy drafts' logits may cover a subset of the vocabulary: column j is token _scored_ids[j]
+        self._scored_ids: torch.Tensor | None = None
 
     # -- sequence state ---------------------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor) -> None:
@@ -317,11 +319,14 @@ class ModelDrafter(Drafter):
             return self._static(root_logits, sampling, generator)
         return self._dynamic(root_logits, sampling, generator)
 
-    def _children_of(self, logits: torch.Tensor, k: int, sampling: Sampling,
-                     generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor] | None]:
-        """k child tokens: the top-k (greedy), or k draws without replacement with each draw's distribution."""
+    def _children_of(self, logits: torch.Tensor, k: int, sampling: Sampling, generator: torch.Generator | None
+                     ) -> tuple[list[int], list[float] | None, list[torch.Tensor] | None]:
+        """k child tokens with their draft log-probabilities: the top-k (greedy); or k draws without replacement
+        with each draw's distribution (and no log-probabilities: a sampled tree ranks by sibling order)."""
         if sampling.greedy:
-            return logits.topk(k).indices.tolist(), None
+            top = logits.topk(k)
+            ids = top.indices if self._scored_ids is None else self._scored_ids[top.indices]
+            return ids.tolist(), (top.values - torch.logsumexp(logits, -1)).tolist(), None
         from policies.spec_sampling import sampling_probs
 
         q = sampling_probs(logits, sampling.temperature, sampling.top_p)
@@ -336,7 +341,7 @@ class ModelDrafter(Drafter):
             rows.append(q.clone())
             q = q.clone()
             q[token] = 0
-        return tokens, rows
+        return tokens, None, rows
 
     def _static(self, root_logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> Draft:
         shape = self.shape or []
@@ -349,7 +354,7 @@ class ModelDrafter(Drafter):
                 if parent not in logits_of:
                     continue  # the parent got no token (sampling ran out of draft mass)
                 kids = self._children[parent]
-                picked, q_rows = self._children_of(logits_of[parent], len(kids), sampling, generator)
+                picked, _, q_rows = self._children_of(logits_of[parent], len(kids), sampling, generator)
                 for j, child in enumerate(kids[:len(picked)]):
                     tokens[child] = picked[j]
                     if q_rows is not None:
@@ -383,14 +388,13 @@ class ModelDrafter(Drafter):
             new: list[int] = []
             for parent, logits in frontier:
                 base = 0.0 if parent == -1 else scores[parent]
-                logp = torch.log_softmax(logits, -1)
-                picked, q_rows = self._children_of(logits, topk, sampling, generator)
+                picked, logps, q_rows = self._children_of(logits, topk, sampling, generator)
                 for j, token in enumerate(picked):
                     parents.append(parent)
                     tokens.append(token)
                     # Sampling: which nodes exist may not depend on their own sampled token (that would bias
                     # verification), so a node ranks by its parent's score and its sibling rank only.
-                    own = float(logp[token]) if sampling.greedy else -1e-3 * (j + 1)
+                    own = logps[j] if logps is not None else -1e-3 * (j + 1)
                     scores.append(base + own)
                     rows.append(None if q_rows is None else q_rows[j])
                     new.append(len(tokens) - 1)
@@ -461,6 +465,9 @@ class EagleDrafter(ModelDrafter):
         if self._own_logits and vocab_size is not None:
             raise HeadFormatError("an EAGLE-3 head scores its own draft vocabulary (d2t); set vocab: null")
         self.vocab = None if self._own_logits else DraftVocabulary.build(parts.lm_head, head.vocab_rank, vocab_size)
+        # a greedy draft ranks the scored tokens only, so their full-vocabulary logits are never built
+        self._scored_ids = head.draft_to_target if self._own_logits else self.vocab.ids
+        self._greedy = True
         self._captured: list[torch.Tensor] = []
         if head.tap_layers is None:  # EAGLE-1/2: the final norm's output
             self._taps = [parts.norm.register_forward_hook(self._capture_output)]
@@ -483,7 +490,13 @@ class EagleDrafter(ModelDrafter):
             tap.remove()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.logits(hidden) if self._own_logits else self.vocab.logits(hidden)
+        """Draft logits of `hidden` (n, H): over the scored tokens only when drafting greedily (`_children_of`
+        maps ranks to target ids), else over the target's whole vocabulary (-inf off the draft vocabulary), as
+        sampled drafts need their distributions there."""
+        compact = self._greedy and self._scored_ids is not None
+        if self._own_logits:
+            return self.head.scored_logits(hidden) if compact else self.head.logits(hidden)
+        return self.vocab.scored_logits(hidden) if compact else self.vocab.logits(hidden)
 
     def _begin_state(self, prompt_len: int) -> None:
         self.prompt_len = prompt_len
@@ -548,6 +561,7 @@ class EagleDrafter(ModelDrafter):
         self.pending = None
         self._root_hidden = hidden[-1]
         self._fed_hidden = []
+        self._greedy = sampling.greedy
         root_logits = self._logits(hidden[-1:])[0]
         if self.shape is not None:
             return self._static(root_logits, sampling, generator)

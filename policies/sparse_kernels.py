@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("dense", "gather_mv", "embedding_bag_mv", "csr_mv")
-# torch warns once per process that CSR support is "beta"; the product used here is the stable sparse.mm path.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def magnitude_keep(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -58,7 +56,9 @@ def csr_mv(x: torch.Tensor, weight_t: torch.Tensor, keep: torch.Tensor,
     """The same product as a (1, in) CSR row times W^T (`torch.sparse.mm`)."""
     values = x.index_select(0, keep)
     crow = torch.tensor([0, keep.numel()], dtype=keep.dtype, device=keep.device)
-    row = torch.sparse_csr_tensor(crow, keep, values, size=(1, x.shape[0]), check_invariants=False)
+    with warnings.catch_warnings():  # torch calls CSR support "beta" (once a process); sparse.mm is the stable path
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        row = torch.sparse_csr_tensor(crow, keep, values, size=(1, x.shape[0]), check_invariants=False)
     y = torch.sparse.mm(row, weight_t).squeeze(0)
     return y if bias is None else y + bias
 

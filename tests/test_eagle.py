@@ -196,6 +196,35 @@ def test_draft_vocabulary_scores_only_its_tokens():
         DraftVocabulary.build(lm_head, None, 10)
 
 
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_greedy_drafts_over_the_scored_tokens_equal_drafts_over_the_full_masked_logits(tree):
+    """A greedy draft ranks only the draft vocabulary's logits (no full-vocabulary tensor); its tree, tokens
+    and order are those of ranking the full logits with -inf outside the draft vocabulary."""
+    target = _random_lm("llama")
+    head = _head(target, scale=4.0)
+    head.vocab_rank = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))
+    ids = _prompt()
+
+    def draft(compact: bool):
+        kwargs = dict(dynamic_depth=3, dynamic_topk=3, dynamic_tokens=7) if tree == "dynamic" else {}
+        drafter = EagleDrafter(target, head, None if tree == "dynamic" else [-1, -1, 0, 0, 1, 2], vocab_size=24,
+                               **kwargs)
+        if not compact:
+            drafter._scored_ids = None  # the reference: full-vocabulary logits, -inf off the draft vocabulary
+        try:
+            with torch.inference_mode():
+                drafter.begin(ids)
+                target(ids)
+                drafter.observe(ids[0], None)
+                return drafter.propose(ids[0].tolist() + [7], Sampling(), None)  # the first new token: 7
+        finally:
+            drafter.close()
+
+    fast, reference = draft(True), draft(False)
+    assert (fast.parents, fast.tokens) == (reference.parents, reference.tokens)
+    assert set(fast.tokens) <= set(head.vocab_rank[:24].tolist())
+
+
 # -- checkpoint layouts ---------------------------------------------------------------------------------------
 def _outputs(head: EagleHead) -> torch.Tensor:
     torch.manual_seed(9)
