@@ -43,7 +43,8 @@ project, `cpu:1t` / `cpu:2t`), repeats interleaved across thread counts, and nam
         [--no-eagle] [--policy FILE ...] [--identity 200]
 
 `--identity N` then checks greedy identity alone (untimed) on N more chat prompts (seed SEED + 1, `--identity-
-tokens` new tokens each) for the fastest lossless variant at the first thread count, against dense.
+tokens` new tokens each) for the fastest lossless variant at the first thread count (`--identity-of eagle`: the
+fastest whose name holds "eagle"), against dense.
 """
 
 from __future__ import annotations
@@ -152,10 +153,12 @@ def eagle_sections(head: str, vocab_size: int) -> dict[str, dict[str, Any]]:
         "eagle, chain k=3": section({"kind": "static", "parents": chain_tree(3)}),
         "eagle, dynamic (4, 2, 6)": section({"kind": "dynamic", "depth": 4, "topk": 2, "tokens": 6}),
     }
-    for vocab, trees in ((8192, ((4, 2, 6), (5, 3, 10))), (4096, ((4, 2, 6),))):
+    for vocab, trees in ((8192, ((4, 2, 6), (5, 3, 10))), (4096, ((3, 2, 4), (4, 2, 6)))):
         for depth, topk, tokens in trees if vocab < vocab_size else ():
             out[f"eagle, dynamic ({depth}, {topk}, {tokens}), vocab {vocab}"] = section(
                 {"kind": "dynamic", "depth": depth, "topk": topk, "tokens": tokens}, vocab)
+    if 4096 < vocab_size:
+        out["eagle, chain k=3, vocab 4096"] = section({"kind": "static", "parents": chain_tree(3)}, 4096)
     return out
 
 
@@ -473,6 +476,8 @@ def main() -> None:
     ap.add_argument("--policy", type=Path, action="append", default=[], help="a tuned policy to add (repeatable)")
     ap.add_argument("--identity", type=int, default=0, help="then check greedy identity on this many more prompts")
     ap.add_argument("--identity-tokens", type=int, default=32)
+    ap.add_argument("--identity-of", default=None, help="check identity for the fastest lossless variant whose "
+                                                         "name holds this substring (default: the fastest of all)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",") if t]
     started = time.perf_counter()
@@ -505,8 +510,8 @@ def main() -> None:
         lines += ["Best variant per device: " + "; ".join(bests) + ".", ""]
     if args.identity:
         use_cpu_threads(threads[0])
-        fastest = max((v for v in variants[1:] if v.handle is not None and not any(
-            mismatched(samples, threads[0], v.name, p.label, dense_name) for p in prompts)),
+        fastest = max((v for v in variants[1:] if v.handle is not None and (args.identity_of or "") in v.name
+                       and not any(mismatched(samples, threads[0], v.name, p.label, dense_name) for p in prompts)),
             key=lambda v: group_tps(samples, threads[0], v.name, prompts, args.new_tokens, False), default=None)
         if fastest is not None:
             lines += [identity_check(model, tokenizer, fastest, variants[0], args.identity, args.identity_tokens,

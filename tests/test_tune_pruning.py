@@ -114,4 +114,9 @@ def test_the_cost_model_rules_out_by_a_wider_margin_until_it_is_trusted():
     assert _ruled_out(100.0 * (1 + UNTRUSTED_RULE_OUT_MARGIN) + 1, incumbent, cfg, trusted=False)
     assert not _ruled_out(None, incumbent, cfg, trusted=True)  # no prediction, no incumbent: never
     assert not _ruled_out(1e9, None, cfg, trusted=True)
-    assert not _ruled_out(1e9, incumbent, SimpleNamespace(objective="tokens_per_s"), trusted=True)
+    # tokens/s: held against the incumbent's measured latency of the same workload
+    per_s = SimpleNamespace(objective="tokens_per_s")
+    fast = SimpleNamespace(values=(12.0, 100.0), user_attrs={"measured": {"latency_ms": 200.0}})
+    assert _ruled_out(200.0 * (1 + UNTRUSTED_RULE_OUT_MARGIN) + 1, fast, per_s, trusted=False)
+    assert not _ruled_out(200.0 * (1 + UNTRUSTED_RULE_OUT_MARGIN) - 1, fast, per_s, trusted=False)
+    assert not _ruled_out(1e9, SimpleNamespace(values=(12.0, 100.0), user_attrs={}), per_s, trusted=True)

@@ -210,7 +210,7 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
             trial.set_user_attr("sections", sections)
             trial.set_user_attr("predicted_ms", predicted)
             raise optuna.TrialPruned(f"predicted {predicted:.1f} ms, over {1 + _rule_out_margin(trusted):.2f}x "
-                                     f"the best feasible trial's {incumbent.values[0]:.1f} ms")
+                                     f"the best feasible trial's {_rule_out_bar_ms(incumbent, cfg):.1f} ms")
         with apply_policy(model, policy) as tuned:
             if dense_ids is not None:
                 # one greedy generation, before any quality work: a lossy bug fails the trial, never prunes it
@@ -393,11 +393,21 @@ def _rule_out_margin(trusted: bool) -> float:
     return RULE_OUT_MARGIN if trusted else UNTRUSTED_RULE_OUT_MARGIN
 
 
+def _rule_out_bar_ms(incumbent: Any, cfg: TuneConfig) -> float | None:
+    """The incumbent's time that a prediction is held against: its objective when that is a time; for tokens/s
+    its measured latency of the same workload (the same new tokens, so a longer call decodes more slowly)."""
+    if OBJECTIVES[cfg.objective] == "minimize":
+        return float(incumbent.values[0])
+    latency = (incumbent.user_attrs.get("measured") or {}).get("latency_ms")
+    return None if latency is None else float(latency)
+
+
 def _ruled_out(predicted: float | None, incumbent: Any, cfg: TuneConfig, trusted: bool) -> bool:
     """The cost model rules the trial out: predicted slower than the feasible incumbent by the margin."""
-    if predicted is None or incumbent is None or OBJECTIVES[cfg.objective] != "minimize":
+    if predicted is None or incumbent is None:
         return False
-    return predicted > incumbent.values[0] * (1 + _rule_out_margin(trusted))
+    bar = _rule_out_bar_ms(incumbent, cfg)
+    return bar is not None and predicted > bar * (1 + _rule_out_margin(trusted))
 
 
 #: Seconds one grid point of the study's profile may take: a real model's 2k-token prefill takes ~5 s on a
