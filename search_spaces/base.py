@@ -154,6 +154,9 @@ class SearchSpace:
     #: A lossless technique (speculative decoding) must reproduce dense greedy output exactly; `tune` fails
     #: any trial of a study made only of lossless techniques whose greedy output differs in a token.
     lossless: bool = False
+    #: Whether the cost model reads the per-layer latency curves (`ctx.curves`); `tune` profiles them only for
+    #: a study with such a technique (a 30-layer model's profile is most of a minute on a 2-core CPU).
+    needs_layer_profile: bool = True
 
     def prepare(self, ctx: SearchContext, model: Any, tokenizer: Any, device: Any) -> object | None:
         """Measure what the cost hook needs on this device (once per study, before any trial) and return it as

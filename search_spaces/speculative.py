@@ -116,6 +116,7 @@ class SpeculativeSpace(SearchSpace):
     name = "speculative"
     quality_metric = "accuracy"
     lossless = True  # greedy output must equal dense greedy output: tune fails trials that differ
+    needs_layer_profile = False  # its cost model is the verify curves `prepare` measures
 
     # -- sampling -------------------------------------------------------------------------------------------
     def _drafters(self, ctx: SearchContext) -> list[str]:

@@ -162,8 +162,10 @@ def tune(cfg: TuneConfig, log: Any = None) -> TuneResult:
     artefacts = target.with_suffix(".d")
     artefacts.mkdir(parents=True, exist_ok=True)
 
-    say(f"profiling {loaded.model_id} on {device.id}")
-    curves = _profile(model, device, cfg.workload, artefacts)
+    curves = None
+    if any(space.needs_layer_profile for space in spaces):
+        say(f"profiling {loaded.model_id} on {device.id}")
+        curves = _profile(model, device, cfg.workload, artefacts)
     # Cost hooks predict a latency: the objective itself, or end-to-end latency when the objective is tokens/s.
     cost_metric = cfg.objective if cfg.objective.endswith("_ms") else "latency_ms"
     ctx = SearchContext(model_fingerprint=fingerprint, workload=cfg.workload.as_dict(), device=device.to_dict(),
