@@ -426,7 +426,7 @@ def identity_check(model: Any, tokenizer: Any, variant: Variant, dense: Variant,
 def _selected(name: str, only: str | None, skip: str | None) -> bool:
     """Whether variant `name` passes `--only` (a substring of it listed) and `--skip` (none listed)."""
     def keys(text: str | None) -> list[str]:
-        return [k.strip() for k in (text or "").split(",") if k.strip()]
+        return [k.strip() for k in (text or "").split(";") if k.strip()]  # variant names hold commas
 
     return (not only or any(k in name for k in keys(only))) and not any(k in name for k in keys(skip))
 
@@ -469,9 +469,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="2", help="comma-separated torch thread counts, one table each")
-    ap.add_argument("--only", default=None, help="comma-separated substrings: bench only variants matching one "
+    ap.add_argument("--only", default=None, help="';'-separated substrings: bench only variants matching one "
                                                  "(dense always runs)")
-    ap.add_argument("--skip", default=None, help="comma-separated substrings: leave out variants matching one")
+    ap.add_argument("--skip", default=None, help="';'-separated substrings: leave out variants matching one")
     ap.add_argument("--no-eagle", action="store_true", help="leave out the eagle drafter's variants")
     ap.add_argument("--policy", type=Path, action="append", default=[], help="a tuned policy to add (repeatable)")
     ap.add_argument("--identity", type=int, default=0, help="then check greedy identity on this many more prompts")
