@@ -71,8 +71,7 @@ def _median_forward_ms(lm: Any, cache: Any, kv: int, q: int, vocab: int, gen: to
     mask = tree_attention_mask(parents, kv, device=device)
     positions = tree_position_ids(parents, kv, device=device)
     times: list[float] = []
-    r = 0
-    while r < warmup + repeats:
+    for r in range(warmup + repeats):
         synchronize(device)
         start = time.perf_counter()
         lm(ids, **cache_arg(lm, cache), use_cache=True, attention_mask=mask, position_ids=positions)
@@ -80,9 +79,8 @@ def _median_forward_ms(lm: Any, cache: Any, kv: int, q: int, vocab: int, gen: to
         synchronize(device)
         if r >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-            if len(times) == 1 and times[0] >= LONG_FORWARD_MS:
-                repeats = min(repeats, LONG_FORWARD_REPEATS)
-        r += 1
+        if len(times) >= LONG_FORWARD_REPEATS and times[0] >= LONG_FORWARD_MS:
+            break
     return statistics.median(times)
 
 
